@@ -1,0 +1,191 @@
+"""The reference scorer on transformers (CPU or GPU).
+
+Three things make it fast without changing a single log-probability:
+- each condition's prefix (system prompt and template framing) is run once and
+  its KV cache is reused for every sequence that starts with it; the role and
+  unsafe prefixes share their common text, computed once;
+- sequences are bucketed by the length that still needs computing, so batches
+  carry little padding (padding goes on the right, where causal attention
+  keeps it from touching real tokens);
+- the vocabulary projection runs only at positions that predict a response token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
+from worker.scoring.base import ResponseLogprob
+
+log = logging.getLogger(__name__)
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class TransformersScorer:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        batch_size: int = 16,
+        max_batch_tokens: int = 16384,
+        reuse_prefix: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.reuse_prefix = reuse_prefix
+        self.device = next(model.parameters()).device
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._prefix_kv: dict[str, tuple[tuple[int, ...], KV]] = {}
+        self.direct_projection = self._projection_matches_model()
+
+    # -- public -----------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, sequences: Sequence[EncodedSequence]) -> list[ResponseLogprob]:
+        results: list[ResponseLogprob | None] = [None] * len(sequences)
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for i, seq in enumerate(sequences):
+            use = self.reuse_prefix and seq.shared_len > 0
+            groups[seq.prefix.key if use else None].append(i)
+        for key, members in groups.items():
+            prefix = sequences[members[0]].prefix if key is not None else None
+            kv = self._kv_for(prefix) if prefix is not None else None
+            shared = {i: (sequences[i].shared_len if kv is not None else 0) for i in members}
+            # Bucket by the work left per sequence: similar lengths batch together.
+            members.sort(key=lambda i: len(sequences[i].token_ids) - shared[i])
+            for batch in self._batches(members, sequences, shared):
+                start = min(shared[i] for i in batch)
+                sums = self._score_batch([sequences[i] for i in batch], kv, start)
+                for i, s in zip(batch, sums, strict=True):
+                    results[i] = ResponseLogprob(sum=s, count=sequences[i].num_response_tokens)
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    # -- batching -----------------------------------------------------------
+    def _batches(
+        self, order: list[int], sequences: Sequence[EncodedSequence], shared: dict[int, int]
+    ) -> list[list[int]]:
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            longest = len(sequences[i].token_ids) - shared[i]  # order is ascending
+            if current and (
+                len(current) >= self.batch_size
+                or longest * (len(current) + 1) > self.max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    # -- prefix cache --------------------------------------------------------
+    def _kv_for(self, prefix: Prefix) -> KV:
+        cached = self._prefix_kv.get(prefix.key)
+        if cached is not None:
+            return cached[1]
+        # Extend the cached prefix that shares most tokens with this one: the
+        # unsafe prompt starts with the role prompt, so only its tail is computed.
+        best_len, best_kv = 0, None
+        for ids, kv in self._prefix_kv.values():
+            n = _common_prefix_len(ids, prefix.token_ids)
+            if n > best_len:
+                best_len, best_kv = n, kv
+        past = self._cache_from(best_kv, best_len, 1) if best_kv is not None else None
+        tail = torch.tensor([prefix.token_ids[best_len:]], device=self.device)
+        out = self.decoder(
+            input_ids=tail,
+            past_key_values=past if past is not None else DynamicCache(config=self.model.config),
+            position_ids=torch.arange(best_len, len(prefix.token_ids), device=self.device)[None],
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefix_kv[prefix.key] = (prefix.token_ids, kv)
+        log.debug("prefix %s: %d tokens, %d reused", prefix.key, len(prefix.token_ids), best_len)
+        return kv
+
+    def _cache_from(self, kv: KV, length: int, batch: int) -> DynamicCache:
+        # expand() is a view: the cached tensors are never written, since the
+        # cache concatenates new keys into fresh tensors.
+        layers = [
+            (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
+            for k, v in kv
+        ]
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    # -- the forward -----------------------------------------------------------
+    def _score_batch(self, batch: list[EncodedSequence], kv: KV | None, start: int) -> list[float]:
+        width = max(len(s.token_ids) for s in batch) - start
+        pad = self.model.config.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        rows: list[int] = []
+        cols: list[int] = []
+        labels: list[int] = []
+        for r, seq in enumerate(batch):
+            suffix = seq.token_ids[start:]
+            ids[r, : len(suffix)] = torch.tensor(suffix)
+            for s, e in seq.response_spans:
+                # Position p - 1 predicts token p.
+                rows += [r] * (e - s)
+                cols += range(s - 1 - start, e - 1 - start)
+                labels += seq.token_ids[s:e]
+        ids = ids.to(self.device)
+        past = (
+            self._cache_from(kv, start, len(batch))
+            if kv is not None and start > 0
+            else DynamicCache(config=self.model.config)
+        )
+        positions = torch.arange(start, start + width, device=self.device)[None]
+        row_t = torch.tensor(rows, device=self.device)
+        col_t = torch.tensor(cols, device=self.device)
+        label_t = torch.tensor(labels, device=self.device)
+        if self.direct_projection:
+            hidden = self.decoder(
+                input_ids=ids, past_key_values=past, position_ids=positions, use_cache=True
+            ).last_hidden_state
+            logits = self._project(hidden[row_t, col_t])
+        else:
+            logits = self.model(
+                input_ids=ids, past_key_values=past, position_ids=positions, use_cache=True
+            ).logits[row_t, col_t].float()
+        token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
+        sums.index_add_(0, row_t, token_lp.double())
+        return sums.tolist()
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @torch.inference_mode()
+    def _projection_matches_model(self) -> bool:
+        """Check once that lm_head(decoder(x)) is what the model's forward returns.
+
+        Some architectures scale or post-process logits in their forward; those
+        take the slower full-forward path rather than silently drifting.
+        """
+        ids = torch.arange(3, 11, device=self.device)[None]
+        full = self.model(input_ids=ids).logits.float()
+        direct = self._project(self.decoder(input_ids=ids).last_hidden_state)
+        ok = bool(torch.allclose(full, direct, rtol=1e-3, atol=1e-3))
+        if not ok:
+            log.warning("output projection differs from the model's forward; using full logits")
+        return ok
