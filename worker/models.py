@@ -63,10 +63,11 @@ def materialize_bundled(cache_dir: Path | None = None) -> Path:
     gguf = bundled_gguf_path()
     log.info("converting the bundled GGUF model once into %s", target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Without this the saved config claims GGUF quantization and reloading fails.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temp dir and rename, so concurrent first loads never
     # see a half-written checkpoint.
@@ -118,7 +119,8 @@ def load_model(
     path = resolve_model_path(model, cache_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev)
+    lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    lm.to(dev)
     lm.eval()
     return LoadedModel(
         name=model or BUNDLED_MODEL,

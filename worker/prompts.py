@@ -57,7 +57,9 @@ class RolePrompts:
         if not profile:
             raise ValueError("role profile is empty")
         role = ROLE_TEMPLATE.format(name=name, profile=profile)
-        return cls(name=name, role_prompt=role, unsafe_prompt=role + UNSAFE_SUFFIX.format(name=name))
+        return cls(
+            name=name, role_prompt=role, unsafe_prompt=role + UNSAFE_SUFFIX.format(name=name)
+        )
 
     @classmethod
     def from_file(cls, path: Path, name: str) -> RolePrompts:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +29,13 @@ class Scorer(Protocol):
 
     name: str
 
-    def score(self, sequences: Sequence[EncodedSequence]) -> list[ResponseLogprob]:
-        """One result per sequence, in the order given."""
+    def score(
+        self,
+        sequences: Sequence[EncodedSequence],
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[ResponseLogprob]:
+        """One result per sequence, in the order given.
+
+        ``on_scored(n)`` is called as work completes, n sequences at a time.
+        """
         ...

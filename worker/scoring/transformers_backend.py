@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,11 @@ from worker.scoring.base import ResponseLogprob
 log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _needed_len(seq: EncodedSequence) -> int:
+    """Tokens that must be run: the last response token is only a label, never an input."""
+    return max(end for _, end in seq.response_spans) - 1
 
 
 class TransformersScorer:
@@ -54,7 +59,11 @@ class TransformersScorer:
 
     # -- public -----------------------------------------------------------
     @torch.inference_mode()
-    def score(self, sequences: Sequence[EncodedSequence]) -> list[ResponseLogprob]:
+    def score(
+        self,
+        sequences: Sequence[EncodedSequence],
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[ResponseLogprob]:
         results: list[ResponseLogprob | None] = [None] * len(sequences)
         groups: dict[str | None, list[int]] = defaultdict(list)
         for i, seq in enumerate(sequences):
@@ -65,12 +74,14 @@ class TransformersScorer:
             kv = self._kv_for(prefix) if prefix is not None else None
             shared = {i: (sequences[i].shared_len if kv is not None else 0) for i in members}
             # Bucket by the work left per sequence: similar lengths batch together.
-            members.sort(key=lambda i: len(sequences[i].token_ids) - shared[i])
+            members.sort(key=lambda i: _needed_len(sequences[i]) - shared[i])
             for batch in self._batches(members, sequences, shared):
                 start = min(shared[i] for i in batch)
                 sums = self._score_batch([sequences[i] for i in batch], kv, start)
                 for i, s in zip(batch, sums, strict=True):
                     results[i] = ResponseLogprob(sum=s, count=sequences[i].num_response_tokens)
+                if on_scored is not None:
+                    on_scored(len(batch))
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
@@ -81,7 +92,7 @@ class TransformersScorer:
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
-            longest = len(sequences[i].token_ids) - shared[i]  # order is ascending
+            longest = _needed_len(sequences[i]) - shared[i]  # order is ascending
             if current and (
                 len(current) >= self.batch_size
                 or longest * (len(current) + 1) > self.max_batch_tokens
@@ -109,7 +120,7 @@ class TransformersScorer:
         tail = torch.tensor([prefix.token_ids[best_len:]], device=self.device)
         out = self.decoder(
             input_ids=tail,
-            past_key_values=past if past is not None else DynamicCache(config=self.model.config),
+            cache=past if past is not None else DynamicCache(config=self.model.config),
             position_ids=torch.arange(best_len, len(prefix.token_ids), device=self.device)[None],
             use_cache=True,
         )
@@ -130,7 +141,7 @@ class TransformersScorer:
 
     # -- the forward -----------------------------------------------------------
     def _score_batch(self, batch: list[EncodedSequence], kv: KV | None, start: int) -> list[float]:
-        width = max(len(s.token_ids) for s in batch) - start
+        width = max(_needed_len(s) for s in batch) - start
         pad = self.model.config.pad_token_id
         pad = 0 if pad is None else int(pad)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -138,7 +149,7 @@ class TransformersScorer:
         cols: list[int] = []
         labels: list[int] = []
         for r, seq in enumerate(batch):
-            suffix = seq.token_ids[start:]
+            suffix = seq.token_ids[start : _needed_len(seq)]
             ids[r, : len(suffix)] = torch.tensor(suffix)
             for s, e in seq.response_spans:
                 # Position p - 1 predicts token p.
@@ -157,13 +168,15 @@ class TransformersScorer:
         label_t = torch.tensor(labels, device=self.device)
         if self.direct_projection:
             hidden = self.decoder(
-                input_ids=ids, past_key_values=past, position_ids=positions, use_cache=True
+                input_ids=ids, cache=past, position_ids=positions, use_cache=True
             ).last_hidden_state
             logits = self._project(hidden[row_t, col_t])
         else:
-            logits = self.model(
-                input_ids=ids, past_key_values=past, position_ids=positions, use_cache=True
-            ).logits[row_t, col_t].float()
+            logits = (
+                self.model(input_ids=ids, cache=past, position_ids=positions, use_cache=True)
+                .logits[row_t, col_t]
+                .float()
+            )
         token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         sums.index_add_(0, row_t, token_lp.double())

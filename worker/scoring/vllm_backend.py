@@ -8,7 +8,7 @@ accepts. Prompt-logprob requests bypass vLLM's prefix cache and materialise
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.encoding import EncodedSequence
@@ -72,7 +72,11 @@ class VllmScorer:
         except TypeError:
             self.params = SamplingParams(**params)
 
-    def score(self, sequences: Sequence[EncodedSequence]) -> list[ResponseLogprob]:
+    def score(
+        self,
+        sequences: Sequence[EncodedSequence],
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[ResponseLogprob]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(s.token_ids)) for s in sequences]
@@ -85,4 +89,6 @@ class VllmScorer:
                 for pos in range(start, end):
                     total += float(logprobs[pos][seq.token_ids[pos]].logprob)
             results.append(ResponseLogprob(sum=total, count=seq.num_response_tokens))
+        if on_scored is not None:
+            on_scored(len(sequences))
         return results

@@ -1,0 +1,3 @@
+from sarft.cli import app
+
+app()

@@ -1,0 +1,138 @@
+"""The ``sarft`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+app = typer.Typer(help="Safe role-play fine-tuning: score, flag, fine-tune, evaluate.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Safe role-play fine-tuning: score, flag, fine-tune, evaluate."""
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- samples/s" if speed is None else f"{speed:.2f} samples/s")
+
+
+def _prompts(role_name: str, profile: str | None, profile_file: Path | None, prompts: Path | None):
+    from worker.prompts import RolePrompts
+
+    given = [x for x in (profile, profile_file, prompts) if x is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --profile, --profile-file or --prompts")
+    if prompts is not None:
+        return RolePrompts.from_file(prompts, role_name)
+    if profile_file is not None:
+        profile = profile_file.read_text(encoding="utf-8")
+    assert profile is not None
+    return RolePrompts.from_profile(role_name, profile)
+
+
+@app.command()
+def score(
+    data: Annotated[
+        Path, typer.Argument(help="OpenAI chat JSONL, RoleBench JSONL or Alpaca JSON/JSONL.")
+    ],
+    role_name: Annotated[str, typer.Option("--role-name", help="The character's name.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    profile: Annotated[str | None, typer.Option(help="Character profile text.")] = None,
+    profile_file: Annotated[Path | None, typer.Option(help="File holding the profile.")] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help='JSON {"role_prompt", "unsafe_prompt"}, or SaRFT\'s prompt_v2.json.'),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="HF id or local dir; default: bundled.")] = None,
+    backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    margin: Annotated[float, typer.Option(help="Flag when s_unsafe - s_role > margin.")] = 0.0,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Skip the empty-system pass.")
+    ] = False,
+    no_prefix_reuse: Annotated[
+        bool, typer.Option("--no-prefix-reuse", help="Recompute the system prompt per sample.")
+    ] = False,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    max_response_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Score every sample with the base model's implicit rewards and flag the harmful subset."""
+    from worker.encoding import EncodingConfig, EncodingError
+    from worker.formats import DatasetError
+    from worker.prompts import PromptFileError
+    from worker.score_file import ScoreConfig, score_file
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    try:
+        role = _prompts(role_name, profile, profile_file, prompts)
+    except (PromptFileError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    config = ScoreConfig(
+        model=model,
+        backend=backend,
+        dtype=dtype,
+        batch_size=batch_size,
+        margin=margin,
+        compute_reference=not no_reference,
+        reuse_prefix=not no_prefix_reuse,
+        encoding=EncodingConfig(max_prompt_tokens, max_response_tokens),
+    )
+    progress = Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    task = progress.add_task("scoring", total=None)
+    try:
+        with progress:
+            summary = score_file(
+                data,
+                role,
+                out,
+                config,
+                on_start=lambda n: progress.update(task, total=n),
+                on_progress=lambda n: progress.advance(task, n),
+            )
+    except DatasetError as exc:
+        console.print(f"[red]invalid dataset:[/red] {data}")
+        for err in exc.errors:
+            console.print(f"  {err}")
+        raise typer.Exit(2) from exc
+    except (EncodingError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if no_reference:
+        console.print("reference pass skipped: s_role and s_unsafe are null; the flag uses delta")
+    typer.echo(
+        f"{summary['role']}: {summary['num_flagged']}/{summary['num_samples']} flagged "
+        f"({summary['flagged_fraction']:.1%}) -> {out}"
+    )
+    typer.echo(json.dumps(summary["timings"]))
