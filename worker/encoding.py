@@ -137,7 +137,7 @@ class ChatEncoder:
                 continue
             prompt_text = self._render(messages[: offset + i], True)
             prompt_ids = self._tokenize(self._delta(prompt_text, emitted, sample))
-            if not spans and len(prompt_ids) > self.config.max_prompt_tokens:
+            if not token_ids and len(prompt_ids) > self.config.max_prompt_tokens:
                 prompt_ids, truncated = prompt_ids[: self.config.max_prompt_tokens], True
             token_ids += prompt_ids
             answer_ids = self._tokenize(turn.content + eos)

@@ -22,6 +22,12 @@ from transformers import DynamicCache
 
 from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
 from worker.scoring.base import ResponseLogprob
+from worker.scoring.prefix_attention import (
+    ATTENTION_NAME,
+    SharedPrefix,
+    attention_implementation,
+)
+from worker.scoring.prefix_attention import register as register_prefix_attention
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,9 @@ class TransformersScorer:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._prefix_kv: dict[str, tuple[tuple[int, ...], KV]] = {}
         self.direct_projection = self._projection_matches_model()
+        self.shared_prefix_attention = (
+            reuse_prefix and self.device.type == "cpu" and self._prefix_attention_matches()
+        )
 
     # -- public -----------------------------------------------------------
     @torch.inference_mode()
@@ -116,18 +125,26 @@ class TransformersScorer:
             n = _common_prefix_len(ids, prefix.token_ids)
             if n > best_len:
                 best_len, best_kv = n, kv
-        past = self._cache_from(best_kv, best_len, 1) if best_kv is not None else None
-        tail = torch.tensor([prefix.token_ids[best_len:]], device=self.device)
-        out = self.decoder(
-            input_ids=tail,
-            cache=past if past is not None else DynamicCache(config=self.model.config),
-            position_ids=torch.arange(best_len, len(prefix.token_ids), device=self.device)[None],
-            use_cache=True,
-        )
-        cache = out.past_key_values
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        total = len(prefix.token_ids)
+        if best_kv is not None and best_len == total:
+            # Wholly inside a cached prefix (both cut by max_prompt_tokens, say).
+            kv = [(k[:, :, :total], v[:, :, :total]) for k, v in best_kv]
+        else:
+            past = (
+                self._cache_from(best_kv, best_len, 1)
+                if best_kv is not None
+                else DynamicCache(config=self.model.config)
+            )
+            tail = torch.tensor([prefix.token_ids[best_len:]], dtype=torch.long)
+            out = self.decoder(
+                input_ids=tail.to(self.device),
+                cache=past,
+                position_ids=torch.arange(best_len, total, device=self.device)[None],
+                use_cache=True,
+            )
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._prefix_kv[prefix.key] = (prefix.token_ids, kv)
-        log.debug("prefix %s: %d tokens, %d reused", prefix.key, len(prefix.token_ids), best_len)
+        log.debug("prefix %s: %d tokens, %d reused", prefix.key, total, best_len)
         return kv
 
     def _cache_from(self, kv: KV, length: int, batch: int) -> DynamicCache:
@@ -157,26 +174,17 @@ class TransformersScorer:
                 cols += range(s - 1 - start, e - 1 - start)
                 labels += seq.token_ids[s:e]
         ids = ids.to(self.device)
-        past = (
-            self._cache_from(kv, start, len(batch))
-            if kv is not None and start > 0
-            else DynamicCache(config=self.model.config)
-        )
         positions = torch.arange(start, start + width, device=self.device)[None]
         row_t = torch.tensor(rows, device=self.device)
         col_t = torch.tensor(cols, device=self.device)
         label_t = torch.tensor(labels, device=self.device)
+        prefix = kv if start > 0 else None
         if self.direct_projection:
-            hidden = self.decoder(
-                input_ids=ids, cache=past, position_ids=positions, use_cache=True
-            ).last_hidden_state
+            hidden = self._run(self.decoder, ids, positions, prefix, start).last_hidden_state
             logits = self._project(hidden[row_t, col_t])
         else:
-            logits = (
-                self.model(input_ids=ids, cache=past, position_ids=positions, use_cache=True)
-                .logits[row_t, col_t]
-                .float()
-            )
+            logits = self._run(self.model, ids, positions, prefix, start).logits[row_t, col_t]
+            logits = logits.float()
         token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         sums.index_add_(0, row_t, token_lp.double())
@@ -187,6 +195,21 @@ class TransformersScorer:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _run(
+        self, module: Any, ids: torch.Tensor, positions: torch.Tensor, kv: KV | None, start: int
+    ) -> Any:
+        """Forward ``ids`` (at ``positions``) after the first ``start`` tokens of ``kv``."""
+        if kv is not None and self.shared_prefix_attention:
+            with attention_implementation(self.model, ATTENTION_NAME):
+                return module(
+                    input_ids=ids,
+                    position_ids=positions,
+                    use_cache=False,
+                    sarft_prefix=SharedPrefix(kv, start),
+                )
+        past = self._cache_from(kv, start, ids.shape[0]) if kv is not None else None
+        return module(input_ids=ids, cache=past, position_ids=positions, use_cache=past is not None)
 
     @torch.inference_mode()
     def _projection_matches_model(self) -> bool:
@@ -202,3 +225,33 @@ class TransformersScorer:
         if not ok:
             log.warning("output projection differs from the model's forward; using full logits")
         return ok
+
+    @torch.inference_mode()
+    def _prefix_attention_matches(self) -> bool:
+        """Check once that shared-prefix attention equals the plain cache path here.
+
+        It relies on the model routing attention through transformers' attention
+        interface; a model that does not (or adds sliding windows, soft-capping)
+        keeps the plain path.
+        """
+        register_prefix_attention()
+        prefix_ids = torch.arange(3, 15, device=self.device)[None]
+        suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
+        kv = self._kv_for(Prefix(key="\0self-check", token_ids=tuple(prefix_ids[0].tolist())))
+        self._prefix_kv.pop("\0self-check")
+        positions = torch.arange(12, 17, device=self.device)[None]
+        self.shared_prefix_attention = False
+        plain = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
+        try:
+            self.shared_prefix_attention = True
+            fast = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
+        except Exception as exc:  # an architecture this path does not support
+            log.warning("shared-prefix attention unavailable (%s); using the cache path", exc)
+            return False
+        finally:
+            self.shared_prefix_attention = False
+        tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
+        error = float((fast.float() - plain.float()).abs().max() / plain.float().abs().max())
+        if error > tolerance:
+            log.warning("shared-prefix attention differs (%.2g); using the cache path", error)
+        return error <= tolerance

