@@ -34,7 +34,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker service trainer sarft
+	$(BIN)/mypy worker service trainer sarft bench tests
 
 format: install
 	$(BIN)/ruff format .

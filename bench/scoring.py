@@ -35,7 +35,7 @@ from worker.scoring.transformers_backend import TransformersScorer, _needed_len
 
 def load_rows(role: str, n: int) -> list[Sample]:
     path = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
-    samples = []
+    samples: list[Sample] = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             row = json.loads(line)
