@@ -25,6 +25,14 @@ app = typer.Typer(help="Safe role-play fine-tuning: score, flag, fine-tune, eval
 console = Console(stderr=True)
 
 
+from sarft.server_cli import db_app, keys_app, serve, worker  # noqa: E402
+
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+app.command()(serve)
+app.command()(worker)
+
+
 @app.callback()
 def _root() -> None:
     """Safe role-play fine-tuning: score, flag, fine-tune, evaluate."""

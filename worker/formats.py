@@ -415,3 +415,12 @@ def validate_file(path: Path, max_errors: int = 100) -> ValidationReport:
 def response_text(sample: Sample) -> str:
     """The scored assistant turns' contents joined by a blank line (for display)."""
     return "\n\n".join(m.content for m in sample.messages if m.role == "assistant" and m.scored)
+
+
+def sample_from_record(record: dict[str, Any], fmt: DatasetFormat, index: int, line: int) -> Sample:
+    """Rebuild a Sample from a stored record (already validated once, so errors are bugs)."""
+    try:
+        messages = _parse(record, fmt)
+    except _RecordError as exc:
+        raise DatasetError([LineError(line, str(exc))], fmt) from exc
+    return Sample(index=index, line=line, messages=messages, raw=record)

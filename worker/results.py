@@ -87,6 +87,17 @@ class RunStats:
             self.s_role.append(scores.s_role)
             self.s_unsafe.append(scores.s_unsafe)
 
+    def add_json(self, scores: dict[str, Any]) -> None:
+        """Accumulate a stored ``scores`` object (as ``SampleScores.to_json`` wrote it)."""
+        self.num_samples += 1
+        self.num_flagged += bool(scores["flagged"])
+        self.num_truncated += bool(scores.get("truncated"))
+        self.response_tokens += int(scores["role"]["count"])
+        self.delta.append(float(scores["delta"]))
+        if scores.get("s_role") is not None and scores.get("s_unsafe") is not None:
+            self.s_role.append(float(scores["s_role"]))
+            self.s_unsafe.append(float(scores["s_unsafe"]))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "num_samples": self.num_samples,

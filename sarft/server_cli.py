@@ -1,0 +1,117 @@
+"""Server-side commands: serve, worker, keys, db."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Annotated
+
+import typer
+
+keys_app = typer.Typer(help="API keys.")
+db_app = typer.Typer(help="Database migrations.")
+log = logging.getLogger("sarft")
+
+
+def _reaper(every: float) -> None:
+    from worker.jobs import reap_stale_shards
+
+    def loop() -> None:
+        while True:
+            try:
+                if n := reap_stale_shards():
+                    log.warning("re-queued or failed %d stale shard(s)", n)
+            except Exception:
+                log.exception("reaper failed")
+            threading.Event().wait(every)
+
+    threading.Thread(target=loop, daemon=True, name="sarft-reaper").start()
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")],
+) -> None:
+    """Create an API key; the key is printed alone on the last line, once."""
+    from service.core.auth import create_key
+    from service.core.db import session_scope
+    from service.core.migrate import upgrade
+
+    upgrade()
+    with session_scope() as session:
+        key = create_key(session, tenant)
+    typer.echo(f"API key for tenant {tenant!r} (shown once, store it now):", err=True)
+    typer.echo(key)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all migrations."""
+    from service.core.config import get_settings
+    from service.core.migrate import upgrade
+
+    upgrade()
+    typer.echo(f"database at head: {get_settings().sqlalchemy_url.split('@')[-1]}")
+
+
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Run the API (migrating first); with no Redis configured, jobs run in-process."""
+    import uvicorn
+    from sqlalchemy import func, select
+
+    from service.app import create_app
+    from service.core.auth import create_key
+    from service.core.config import get_settings
+    from service.core.db import session_scope
+    from service.core.migrate import upgrade
+    from service.models import ApiKey
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    upgrade()
+    with session_scope() as session:
+        if not session.scalar(select(func.count()).select_from(ApiKey)):
+            key = create_key(session, "default")
+            typer.echo(f"first start: API key for tenant 'default' (shown once):\n{key}")
+    if settings.embedded_queue:
+        from worker.jobs import recover_embedded
+
+        recover_embedded()
+        _reaper(max(1.0, settings.stale_after_s / 4))
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+def worker(
+    queue: Annotated[list[str], typer.Option(help="Queue(s) to serve: scoring, training.")],
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+) -> None:
+    """Run an RQ worker that loads the model once and serves jobs until stopped."""
+    from redis import Redis
+    from rq import Queue, SimpleWorker
+    from rq.serializers import JSONSerializer
+
+    from service.core.config import get_settings
+    from service.core.queue import SCORING_QUEUE
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    if not settings.redis_url:
+        typer.echo(
+            "SARFT_REDIS_URL is not set: embedded mode runs jobs inside `sarft serve`", err=True
+        )
+        raise typer.Exit(2)
+    if SCORING_QUEUE in queue:
+        from worker.jobs import backend_for, default_config
+
+        backend_for(default_config())  # load before the first job, not during it
+    _reaper(max(1.0, settings.stale_after_s / 4))
+    redis = Redis.from_url(settings.redis_url)
+    queues = [
+        Queue(settings.queue_prefix + q, connection=redis, serializer=JSONSerializer) for q in queue
+    ]
+    # SimpleWorker runs jobs in this process, where the model is already loaded
+    # (a forking worker would reload it, and CUDA does not survive a fork).
+    SimpleWorker(queues, connection=redis, serializer=JSONSerializer).work(burst=burst)

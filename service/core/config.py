@@ -1,0 +1,74 @@
+"""Service settings, read from ``SARFT_*`` environment variables.
+
+With neither ``SARFT_DATABASE_URL`` nor ``SARFT_REDIS_URL`` set, everything runs
+embedded: a SQLite file and jobs on a thread inside the API process.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SARFT_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.sarft"))
+    """State directory: the SQLite file, uploads, artifacts, the model cache."""
+    database_url: str | None = None
+    """SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite under home."""
+    redis_url: str | None = None
+    """Redis for the RQ queues; unset runs jobs in-process (the embedded default)."""
+    queue_prefix: str = ""
+    """Prepended to queue names, so several deployments (or test runs) share one Redis."""
+    max_upload_bytes: int = 512 * 1024 * 1024
+    """Uploads beyond this are refused with 413."""
+    scoring_model: str | None = None
+    """Model for scoring jobs that name none; unset: the bundled SmolLM2-135M-Instruct."""
+    extra_models: str = ""
+    """Comma-separated further models that scoring jobs may name (each loads on first use)."""
+    scoring_backend: str = "transformers"
+    scoring_dtype: str = "float32"
+    """float32 is exact; bfloat16 is ~2x faster on CPU but moves log-probs (see README)."""
+    chunk_size: int = 64
+    """Samples scored and committed together: the unit of progress and of resume."""
+    shard_size: int = 5000
+    """Samples per shard; shards of one job run in parallel on several workers."""
+    job_timeout_s: int = 24 * 3600
+    heartbeat_s: float = 5.0
+    """How often a running shard proves its worker is alive."""
+    stale_after_s: float = 120.0
+    """A running shard whose heartbeat is older than this lost its worker."""
+    max_attempts: int = 3
+    """Runs of one shard before a lost worker fails the job instead of re-queueing."""
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home_dir / 'sarft.db'}"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.home_dir / "uploads"
+
+    @property
+    def allowed_models(self) -> set[str]:
+        default = self.scoring_model or "bundled"
+        return {default, *(m.strip() for m in self.extra_models.split(",") if m.strip())}
+
+    @property
+    def embedded_queue(self) -> bool:
+        return not self.redis_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,98 @@
+"""One error type with a status and a stable JSON body, and the handlers that render it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    status_code = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"code": self.code, "message": self.message, "param": self.param, **self.extra}
+        }
+
+
+class Unauthorized(APIError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(APIError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidFile(APIError):
+    status_code = 422
+    code = "invalid_file"
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or unknown API key"},
+    404: {"description": "No such object for this tenant"},
+    422: {"description": "The body or parameters do not validate"},
+}
+
+
+def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"code": code, "message": message, "param": param}}
+    )
+
+
+async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return JSONResponse(status_code=exc.status_code, content=exc.body(), headers=headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+        for e in exc.errors()[:10]
+    )
+    return _error(422, "invalid_request", message, ".".join(loc) or None)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

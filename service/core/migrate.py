@@ -1,0 +1,26 @@
+"""Apply Alembic migrations programmatically (`sarft db upgrade`, API start-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+from service.core.config import get_settings
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def alembic_config(url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url or get_settings().sqlalchemy_url)
+    return config
+
+
+def upgrade(url: str | None = None) -> None:
+    settings = get_settings()
+    if (url or settings.sqlalchemy_url).startswith("sqlite"):
+        settings.home_dir.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
+from sqlalchemy import select
+
+from service.core.auth import TenantDep
+from service.core.config import get_settings
+from service.core.deps import SessionDep
+from service.core.errors import ERROR_RESPONSES, APIError, UnsupportedMediaType
+from service.core.pagination import ListParams, ListResponse, list_params, paginate
+from service.datasets import service
+from service.datasets.schemas import DatasetOut
+from service.models import Dataset
+from service.roles import service as roles
+from service.roles.schemas import Deleted, RoleCreate
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
+
+FILE_TYPES = {
+    "application/json",
+    "application/jsonl",
+    "application/x-ndjson",
+    "application/x-jsonlines",
+    "application/octet-stream",
+    "text/plain",
+    "",
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={
+        200: {"description": "Same file, same Idempotency-Key: the existing dataset"},
+        409: {"description": "Idempotency-Key reused for another file"},
+        413: {"description": "File over the size limit"},
+        415: {"description": "Not a multipart upload of a JSON/JSONL file"},
+        422: {"description": "Invalid records: error.errors lists {line, message} (first 100)"},
+    },
+)
+def upload_dataset(
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="JSONL or JSON in a supported format.")],
+    role_id: Annotated[str | None, Form(description="An existing role.")] = None,
+    role_name: Annotated[str | None, Form(description="Or create the role inline.")] = None,
+    role_profile: Annotated[str | None, Form(description="Profile for the inline role.")] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> DatasetOut:
+    """Upload a character's training dialogues; the whole file is validated first."""
+    content_type = (file.content_type or "").split(";")[0].strip().lower()
+    if content_type not in FILE_TYPES:
+        raise UnsupportedMediaType(f"unsupported file type {content_type!r}", param="file")
+    if role_id is None and not (role_name and role_profile):
+        raise APIError("give role_id, or role_name and role_profile", param="role_id")
+    if role_id is not None:
+        role = roles.get(session, tenant, role_id)
+    settings = get_settings()
+    path, size, sha256 = service.save_upload(
+        file.file, settings.uploads_dir, settings.max_upload_bytes
+    )
+    try:
+        if idempotency_key and (
+            existing := service.find_idempotent(session, tenant, idempotency_key, sha256)
+        ):
+            response.status_code = 200
+            return service.to_out(existing)
+        if role_id is None:
+            assert role_name and role_profile
+            role = roles.create(session, tenant, RoleCreate(name=role_name, profile=role_profile))
+        dataset = service.import_file(
+            session,
+            tenant,
+            role.id,
+            path,
+            filename=file.filename or "upload.jsonl",
+            size=size,
+            sha256=sha256,
+            idempotency_key=idempotency_key,
+        )
+        return service.to_out(dataset)
+    finally:
+        service.discard(path)
+
+
+@router.get("", response_model=ListResponse[DatasetOut])
+def list_datasets(
+    session: SessionDep, tenant: TenantDep, params: Annotated[ListParams, Depends(list_params)]
+) -> ListResponse[DatasetOut]:
+    """List the tenant's datasets, newest first."""
+    stmt = select(Dataset).where(Dataset.tenant_id == tenant)
+    rows, more = paginate(session, stmt, Dataset.id, params, params.after)
+    return ListResponse(data=[service.to_out(r) for r in rows], has_more=more)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+    """Retrieve a dataset."""
+    return service.to_out(service.get(session, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", response_model=Deleted, responses={409: {"description": "Busy"}})
+def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Deleted:
+    """Delete a dataset, its samples, and its finished scoring jobs."""
+    service.delete(session, tenant, dataset_id)
+    return Deleted(id=dataset_id, object="dataset")

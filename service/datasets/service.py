@@ -1,0 +1,145 @@
+"""Uploads: stream to disk, validate the whole file, then insert rows in bulk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from service.core.errors import Conflict, InvalidFile, NotFound, PayloadTooLarge
+from service.core.ids import new_id
+from service.datasets.schemas import DatasetOut
+from service.models import Dataset, DatasetSample, JobStatus, ScoringJob
+from worker.formats import iter_samples, validate_file
+
+INSERT_BATCH = 2000
+COPY_CHUNK = 1 << 20
+
+
+def to_out(ds: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=ds.id,
+        created_at=int(ds.created_at.timestamp()),
+        role_id=ds.role_id,
+        filename=ds.filename,
+        num_samples=ds.num_samples,
+        format=ds.format,
+        bytes=ds.bytes,
+        sha256=ds.sha256,
+        status=ds.status,
+    )
+
+
+def save_upload(source: BinaryIO, directory: Path, limit: int) -> tuple[Path, int, str]:
+    """Copy the upload to a file under ``directory`` in chunks; returns path, size, sha256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
+    path = Path(name)
+    try:
+        with open(fd, "wb") as out:
+            while chunk := source.read(COPY_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the file is larger than the limit of {limit} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size, digest.hexdigest()
+
+
+def find_idempotent(session: Session, tenant_id: str, key: str, sha256: str) -> Dataset | None:
+    existing = session.scalar(
+        select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.idempotency_key == key)
+    )
+    if existing is not None and existing.sha256 != sha256:
+        raise Conflict(
+            "this Idempotency-Key was used for a different file", param="Idempotency-Key"
+        )
+    return existing
+
+
+def import_file(
+    session: Session,
+    tenant_id: str,
+    role_id: str,
+    path: Path,
+    *,
+    filename: str,
+    size: int,
+    sha256: str,
+    idempotency_key: str | None,
+) -> Dataset:
+    """Validate the whole file; store nothing unless every record is good."""
+    report = validate_file(path)
+    if report.errors or report.format is None:
+        raise InvalidFile(
+            f"the file has {report.total_errors or len(report.errors)} invalid record(s)",
+            param="file",
+            errors=[{"line": e.line, "message": e.message} for e in report.errors[:100]],
+        )
+    dataset = Dataset(
+        id=new_id("ds"),
+        tenant_id=tenant_id,
+        role_id=role_id,
+        filename=filename[:300],
+        format=report.format.value,
+        num_samples=report.num_samples,
+        bytes=size,
+        sha256=sha256,
+        idempotency_key=idempotency_key,
+    )
+    session.add(dataset)
+    session.flush()
+    batch: list[dict[str, object]] = []
+    for sample in iter_samples(path, report.format):
+        batch.append(
+            {
+                "dataset_id": dataset.id,
+                "idx": sample.index,
+                "line": sample.line,
+                "record": json.dumps(sample.raw, ensure_ascii=False),
+            }
+        )
+        if len(batch) >= INSERT_BATCH:
+            session.execute(insert(DatasetSample), batch)
+            batch = []
+    if batch:
+        session.execute(insert(DatasetSample), batch)
+    return dataset
+
+
+def get(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    ds = session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+    )
+    if ds is None:
+        raise NotFound(f"no dataset {dataset_id!r}", param="dataset_id")
+    return ds
+
+
+def delete(session: Session, tenant_id: str, dataset_id: str) -> None:
+    ds = get(session, tenant_id, dataset_id)
+    active = session.scalar(
+        select(ScoringJob.id).where(
+            ScoringJob.dataset_id == ds.id,
+            ScoringJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+        )
+    )
+    if active:
+        raise Conflict(f"scoring job {active} is still active; cancel it first")
+    session.delete(ds)
+    session.flush()
+
+
+def discard(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

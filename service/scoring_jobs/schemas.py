@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ScoringJobCreate(BaseModel):
+    dataset_id: str
+    model: str | None = Field(default=None, description="Allowed models only; default: server's.")
+    backend: Literal["transformers", "vllm"] | None = None
+    margin: float = Field(
+        default=0.0, ge=-100, le=100, description="Flag if s_unsafe-s_role > margin."
+    )
+    compute_reference: bool = Field(default=True, description="Run the empty-system pass.")
+    batch_size: int = Field(default=16, ge=1, le=512)
+
+
+class Progress(BaseModel):
+    processed: int
+    total: int
+
+
+class ScoringJobOut(BaseModel):
+    id: str
+    object: Literal["scoring_job"] = "scoring_job"
+    created_at: int
+    dataset_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str | None
+    backend: str
+    dtype: str
+    margin: float
+    compute_reference: bool
+    batch_size: int
+    progress: Progress
+    started_at: int | None
+    finished_at: int | None
+    error: str | None
+    result: dict[str, Any] | None
+
+
+class EventOut(BaseModel):
+    id: str
+    object: Literal["scoring_job.event"] = "scoring_job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None

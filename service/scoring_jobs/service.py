@@ -1,0 +1,176 @@
+"""Scoring jobs: creation (split into shards), cancel, events, and subset downloads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.core.config import get_settings
+from service.core.db import after_commit, session_scope, utcnow
+from service.core.errors import APIError, Conflict, NotFound
+from service.core.ids import new_id
+from service.core.queue import SCORING_QUEUE, get_queue
+from service.datasets import service as datasets
+from service.models import (
+    DatasetSample,
+    JobEvent,
+    JobStatus,
+    SampleScore,
+    ScoringJob,
+    ScoringShard,
+)
+from service.scoring_jobs.schemas import EventOut, Progress, ScoringJobCreate, ScoringJobOut
+
+RUN_SHARD = "worker.jobs.run_scoring_shard"
+PAGE = 1000
+
+
+def _ts(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def to_out(job: ScoringJob) -> ScoringJobOut:
+    return ScoringJobOut(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        dataset_id=job.dataset_id,
+        status=JobStatus(job.status).value,
+        model=job.model,
+        backend=job.backend,
+        dtype=job.dtype,
+        margin=job.margin,
+        compute_reference=job.compute_reference,
+        batch_size=job.batch_size,
+        progress=Progress(processed=job.processed, total=job.total),
+        started_at=_ts(job.started_at),
+        finished_at=_ts(job.finished_at),
+        error=job.error,
+        result=job.result,
+    )
+
+
+def event_out(event: JobEvent) -> EventOut:
+    return EventOut(
+        id=f"evt_{event.id}",
+        created_at=int(event.created_at.timestamp()),
+        level=event.level,
+        message=event.message,
+        data=event.data,
+    )
+
+
+def add_event(
+    session: Session, job_id: str, message: str, level: str = "info", **data: object
+) -> None:
+    session.add(JobEvent(job_id=job_id, level=level, message=message, data=data or None))
+
+
+def enqueue_shard(session: Session, job_id: str, shard: int) -> None:
+    """Enqueue after the surrounding transaction commits, never before."""
+    after_commit(session, lambda: get_queue().enqueue(SCORING_QUEUE, RUN_SHARD, job_id, shard))
+
+
+def create(session: Session, tenant_id: str, body: ScoringJobCreate) -> ScoringJob:
+    settings = get_settings()
+    dataset = datasets.get(session, tenant_id, body.dataset_id)
+    if body.model is not None and body.model not in settings.allowed_models:
+        raise APIError(
+            f"model {body.model!r} is not served here; allowed: {sorted(settings.allowed_models)}",
+            param="model",
+        )
+    job = ScoringJob(
+        id=new_id("scorejob"),
+        tenant_id=tenant_id,
+        dataset_id=dataset.id,
+        status=JobStatus.QUEUED,
+        model=body.model or settings.scoring_model,
+        backend=body.backend or settings.scoring_backend,
+        dtype=settings.scoring_dtype,
+        margin=body.margin,
+        compute_reference=body.compute_reference,
+        batch_size=body.batch_size,
+        total=dataset.num_samples,
+        processed=0,
+    )
+    session.add(job)
+    size = max(1, settings.shard_size)
+    for shard, start in enumerate(range(0, dataset.num_samples, size)):
+        end = min(start + size, dataset.num_samples)
+        session.add(ScoringShard(job_id=job.id, shard=shard, start_idx=start, end_idx=end))
+        enqueue_shard(session, job.id, shard)
+    add_event(session, job.id, "job created", total=dataset.num_samples)
+    session.flush()
+    return job
+
+
+def get(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
+    job = session.scalar(
+        select(ScoringJob).where(ScoringJob.id == job_id, ScoringJob.tenant_id == tenant_id)
+    )
+    if job is None:
+        raise NotFound(f"no scoring job {job_id!r}", param="job_id")
+    return job
+
+
+def cancel(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
+    job = get(session, tenant_id, job_id)
+    if JobStatus(job.status).finished:
+        raise Conflict(f"the job is already {job.status}")
+    job.status = JobStatus.CANCELLED
+    job.finished_at = utcnow()
+    add_event(session, job.id, "cancelled by the user")
+    session.flush()
+    return job
+
+
+def stream_subset(job_id: str, flagged_only: bool) -> Iterator[bytes]:
+    """JSONL in upload order: each record as uploaded, plus its ``scores``.
+
+    Pages by sample index with its own sessions, so memory stays flat and no
+    transaction is held open while the client reads.
+    """
+    last = -1
+    while True:
+        with session_scope() as session:
+            job = session.get(ScoringJob, job_id)
+            assert job is not None
+            stmt = (
+                select(DatasetSample.idx, DatasetSample.record, SampleScore.scores)
+                .join(
+                    SampleScore,
+                    (SampleScore.idx == DatasetSample.idx) & (SampleScore.job_id == job_id),
+                )
+                .where(DatasetSample.dataset_id == job.dataset_id, DatasetSample.idx > last)
+                .order_by(DatasetSample.idx)
+                .limit(PAGE)
+            )
+            if flagged_only:
+                stmt = stmt.where(SampleScore.flagged.is_(True))
+            rows = session.execute(stmt).all()
+        if not rows:
+            return
+        lines = []
+        for _idx, record, scores in rows:
+            line = json.loads(record)
+            line["scores"] = json.loads(scores)
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+        yield "".join(lines).encode()
+        last = rows[-1][0]
+
+
+def check_downloadable(job: ScoringJob) -> None:
+    if job.status != JobStatus.SUCCEEDED:
+        raise Conflict(f"the job is {job.status}; results are ready once it has succeeded")
+
+
+def load_scores(session: Session, job_id: str) -> dict[int, dict[str, object]]:
+    return {
+        idx: json.loads(text)
+        for idx, text in session.execute(
+            select(SampleScore.idx, SampleScore.scores).where(SampleScore.job_id == job_id)
+        )
+    }

@@ -1,0 +1,340 @@
+"""Scoring job functions, run by RQ workers or by the embedded in-process queue.
+
+A job is split into shards; a shard is scored chunk by chunk, and each chunk's
+scores are written in one transaction with idempotent inserts. A shard that
+runs again (after a crash, or re-queued by the reaper) skips the samples that
+already have scores, so a resumed job ends with exactly the scores of a clean run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from service.core.config import get_settings
+from service.core.db import session_scope, utcnow
+from service.models import (
+    Dataset,
+    DatasetSample,
+    JobStatus,
+    Role,
+    SampleScore,
+    ScoringJob,
+    ScoringShard,
+)
+from service.roles.service import prompts_of
+from service.scoring_jobs.service import add_event, enqueue_shard
+from worker.encoding import ChatEncoder
+from worker.formats import DatasetFormat, sample_from_record
+from worker.results import RunStats, SampleScores
+from worker.score_file import ScoreConfig, ScoringBackend, build_backend
+from worker.scoring.engine import score_samples
+
+log = logging.getLogger(__name__)
+
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+_backends: dict[tuple[Any, ...], ScoringBackend] = {}
+_backend_lock = threading.Lock()
+
+
+class JobCancelled(Exception):
+    pass
+
+
+def backend_for(config: ScoreConfig) -> ScoringBackend:
+    """Models load once per process and serve every later job with the same settings."""
+    key = (config.model, config.backend, config.dtype, config.batch_size)
+    with _backend_lock:
+        if key not in _backends:
+            log.info(
+                "loading model %s (%s, %s)", config.model or "bundled", config.backend, config.dtype
+            )
+            _backends[key] = build_backend(config)
+        return _backends[key]
+
+
+def _config(job: ScoringJob) -> ScoreConfig:
+    return ScoreConfig(
+        model=None if job.model in (None, "bundled") else job.model,
+        backend=job.backend,
+        dtype=job.dtype,
+        batch_size=job.batch_size,
+        margin=job.margin,
+        compute_reference=job.compute_reference,
+    )
+
+
+def _insert_ignore(session: Session) -> Any:
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+class _Heartbeat(threading.Thread):
+    """Proves the shard's worker is alive while a long chunk runs."""
+
+    def __init__(self, job_id: str, shard: int, every: float) -> None:
+        super().__init__(daemon=True, name=f"heartbeat-{job_id}-{shard}")
+        self.job_id, self.shard, self.every = job_id, shard, every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                with session_scope() as session:
+                    session.execute(
+                        update(ScoringShard)
+                        .where(ScoringShard.job_id == self.job_id, ScoringShard.shard == self.shard)
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:
+                log.exception("heartbeat failed")
+
+
+def run_scoring_shard(job_id: str, shard_no: int) -> None:
+    """Score one shard of a job; the entry point the queues call."""
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get(ScoringJob, job_id)
+        shard = session.get(ScoringShard, (job_id, shard_no))
+        if job is None or shard is None:
+            log.warning("job %s shard %s no longer exists", job_id, shard_no)
+            return
+        if JobStatus(job.status).finished or shard.status == JobStatus.SUCCEEDED:
+            return
+        shard.status = JobStatus.RUNNING
+        shard.attempts += 1
+        shard.worker = WORKER_NAME
+        shard.heartbeat_at = utcnow()
+        if job.status == JobStatus.QUEUED:
+            job.status = JobStatus.RUNNING
+            job.started_at = utcnow()
+            add_event(session, job.id, "job started", worker=WORKER_NAME)
+        add_event(
+            session,
+            job.id,
+            f"shard {shard_no} started",
+            shard=shard_no,
+            attempt=shard.attempts,
+            worker=WORKER_NAME,
+        )
+        config = _config(job)
+    heartbeat = _Heartbeat(job_id, shard_no, settings.heartbeat_s)
+    heartbeat.start()
+    try:
+        _score_shard(job_id, shard_no, config, settings.chunk_size)
+    except JobCancelled:
+        with session_scope() as session:
+            _set_shard(session, job_id, shard_no, JobStatus.CANCELLED)
+        return
+    except Exception as exc:
+        log.exception("job %s shard %s failed", job_id, shard_no)
+        with session_scope() as session:
+            _set_shard(session, job_id, shard_no, JobStatus.FAILED)
+            _fail(session, job_id, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        heartbeat.stopped.set()
+    with session_scope() as session:
+        _set_shard(session, job_id, shard_no, JobStatus.SUCCEEDED)
+        add_event(session, job_id, f"shard {shard_no} finished", shard=shard_no)
+        _finish_if_done(session, job_id)
+
+
+def _set_shard(session: Session, job_id: str, shard_no: int, status: JobStatus) -> None:
+    session.execute(
+        update(ScoringShard)
+        .where(ScoringShard.job_id == job_id, ScoringShard.shard == shard_no)
+        .values(status=status)
+    )
+
+
+def _fail(session: Session, job_id: str, error: str) -> None:
+    job = session.get(ScoringJob, job_id, with_for_update=True)
+    if job is None or JobStatus(job.status).finished:
+        return
+    job.status = JobStatus.FAILED
+    job.error = error
+    job.finished_at = utcnow()
+    add_event(session, job_id, f"job failed: {error}", level="error")
+
+
+def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: int) -> None:
+    with session_scope() as session:
+        job = session.get(ScoringJob, job_id)
+        shard = session.get(ScoringShard, (job_id, shard_no))
+        assert job is not None and shard is not None
+        dataset = session.get(Dataset, job.dataset_id)
+        assert dataset is not None
+        role = session.get(Role, dataset.role_id)
+        assert role is not None
+        prompts, fmt = prompts_of(role), DatasetFormat(dataset.format)
+        start, end, dataset_id = shard.start_idx, shard.end_idx, dataset.id
+    backend = backend_for(config)
+    encoder = ChatEncoder(backend.tokenizer, prompts, config.encoding)
+    cursor = start - 1
+    while True:
+        with session_scope() as session:
+            status = session.scalar(select(ScoringJob.status).where(ScoringJob.id == job_id))
+            if status == JobStatus.CANCELLED:
+                raise JobCancelled
+            done = select(SampleScore.idx).where(SampleScore.job_id == job_id)
+            rows = session.execute(
+                select(DatasetSample.idx, DatasetSample.line, DatasetSample.record)
+                .where(
+                    DatasetSample.dataset_id == dataset_id,
+                    DatasetSample.idx > cursor,
+                    DatasetSample.idx < end,
+                    DatasetSample.idx.not_in(done),  # resume: skip what a crashed run wrote
+                )
+                .order_by(DatasetSample.idx)
+                .limit(chunk_size)
+            ).all()
+        if not rows:
+            return
+        samples = [sample_from_record(json.loads(r.record), fmt, r.idx, r.line) for r in rows]
+        scored = list(
+            score_samples(
+                samples,
+                encoder,
+                backend.scorer,
+                margin=config.margin,
+                compute_reference=config.compute_reference,
+                chunk_size=len(samples),
+            )
+        )
+        _write_chunk(job_id, [s for _, s in scored])
+        cursor = rows[-1].idx
+
+
+def _write_chunk(job_id: str, scores: list[SampleScores]) -> None:
+    """One transaction: the chunk's scores (insert-or-ignore), progress, heartbeat."""
+    with session_scope() as session:
+        insert = _insert_ignore(session)
+        result = session.execute(
+            insert(SampleScore)
+            .values(
+                [
+                    {
+                        "job_id": job_id,
+                        "idx": s.index,
+                        "flagged": s.flagged,
+                        "scores": json.dumps(s.to_json()),
+                    }
+                    for s in scores
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["job_id", "idx"])
+        )
+        inserted = max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
+        session.execute(
+            update(ScoringJob)
+            .where(ScoringJob.id == job_id)
+            .values(processed=ScoringJob.processed + inserted)
+        )
+
+
+def _finish_if_done(session: Session, job_id: str) -> None:
+    """Succeed the job once every shard has; the row lock serialises concurrent shards."""
+    job = session.get(ScoringJob, job_id, with_for_update=True)
+    if job is None or JobStatus(job.status).finished:
+        return
+    pending = session.scalar(
+        select(func.count())
+        .select_from(ScoringShard)
+        .where(ScoringShard.job_id == job_id, ScoringShard.status != JobStatus.SUCCEEDED)
+    )
+    if pending:
+        return
+    stats = RunStats()
+    for text in session.scalars(
+        select(SampleScore.scores).where(SampleScore.job_id == job_id).order_by(SampleScore.idx)
+    ):
+        stats.add_json(json.loads(text))
+    summary = stats.to_json()
+    job.processed = stats.num_samples
+    job.result = {
+        "num_samples": summary["num_samples"],
+        "num_flagged": summary["num_flagged"],
+        "flagged_fraction": summary["flagged_fraction"],
+        "num_truncated": summary["num_truncated"],
+        "quantiles": summary["quantiles"],
+    }
+    job.status = JobStatus.SUCCEEDED
+    job.finished_at = utcnow()
+    add_event(session, job_id, "job succeeded", **job.result)
+
+
+def reap_stale_shards() -> int:
+    """Re-queue (or fail) shards whose worker stopped sending heartbeats."""
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    count = 0
+    with session_scope() as session:
+        stale = session.scalars(
+            select(ScoringShard)
+            .join(ScoringJob, ScoringJob.id == ScoringShard.job_id)
+            .where(
+                ScoringShard.status == JobStatus.RUNNING,
+                ScoringShard.heartbeat_at < cutoff,
+                ScoringJob.status == JobStatus.RUNNING,
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for shard in stale:
+            count += 1
+            lost = f"worker {shard.worker} stopped responding"
+            if shard.attempts >= settings.max_attempts:
+                shard.status = JobStatus.FAILED
+                _fail(
+                    session,
+                    shard.job_id,
+                    f"{lost} during {shard.attempts} attempts of shard {shard.shard}",
+                )
+                continue
+            shard.status = JobStatus.QUEUED
+            shard.heartbeat_at = None
+            add_event(
+                session,
+                shard.job_id,
+                f"{lost}; shard {shard.shard} re-queued",
+                level="warning",
+                shard=shard.shard,
+                attempts=shard.attempts,
+            )
+            enqueue_shard(session, shard.job_id, shard.shard)
+    return count
+
+
+def default_config() -> ScoreConfig:
+    settings = get_settings()
+    return ScoreConfig(
+        model=settings.scoring_model, backend=settings.scoring_backend, dtype=settings.scoring_dtype
+    )
+
+
+def recover_embedded() -> int:
+    """Embedded mode starts with no job running: re-queue what the last process left."""
+    count = 0
+    with session_scope() as session:
+        shards = session.scalars(
+            select(ScoringShard)
+            .join(ScoringJob, ScoringJob.id == ScoringShard.job_id)
+            .where(
+                ScoringShard.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+                ScoringJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            )
+        ).all()
+        for shard in shards:
+            shard.status = JobStatus.QUEUED
+            enqueue_shard(session, shard.job_id, shard.shard)
+            count += 1
+    return count
