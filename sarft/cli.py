@@ -32,6 +32,13 @@ app.add_typer(db_app, name="db")
 app.command()(serve)
 app.command()(worker)
 
+from sarft.client_cli import download, jobs_app, roles_app, upload  # noqa: E402
+
+app.add_typer(roles_app, name="roles")
+app.add_typer(jobs_app, name="jobs")
+app.command()(upload)
+app.command()(download)
+
 
 @app.callback()
 def _root() -> None:

@@ -233,8 +233,10 @@ def _write_chunk(job_id: str, scores: list[SampleScores]) -> None:
                 ]
             )
             .on_conflict_do_nothing(index_elements=["job_id", "idx"])
+            .returning(SampleScore.idx)
         )
-        inserted = max(result.rowcount or 0, 0)  # type: ignore[attr-defined]
+        # Rows a crashed earlier run already wrote are skipped, and not counted twice.
+        inserted = len(result.all())
         session.execute(
             update(ScoringJob)
             .where(ScoringJob.id == job_id)

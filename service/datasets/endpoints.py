@@ -55,8 +55,9 @@ def upload_dataset(
     content_type = (file.content_type or "").split(";")[0].strip().lower()
     if content_type not in FILE_TYPES:
         raise UnsupportedMediaType(f"unsupported file type {content_type!r}", param="file")
-    if role_id is None and not (role_name and role_profile):
-        raise APIError("give role_id, or role_name and role_profile", param="role_id")
+    inline = role_name is not None or role_profile is not None
+    if (role_id is not None) == inline or (inline and not (role_name and role_profile)):
+        raise APIError("give either role_id, or both role_name and role_profile", param="role_id")
     if role_id is not None:
         role = roles.get(session, tenant, role_id)
     settings = get_settings()
@@ -72,16 +73,20 @@ def upload_dataset(
         if role_id is None:
             assert role_name and role_profile
             role = roles.create(session, tenant, RoleCreate(name=role_name, profile=role_profile))
-        dataset = service.import_file(
-            session,
-            tenant,
-            role.id,
-            path,
-            filename=file.filename or "upload.jsonl",
-            size=size,
-            sha256=sha256,
-            idempotency_key=idempotency_key,
-        )
+        try:
+            dataset = service.import_file(
+                session,
+                tenant,
+                role.id,
+                path,
+                filename=file.filename or "upload.jsonl",
+                size=size,
+                sha256=sha256,
+                idempotency_key=idempotency_key,
+            )
+        except service.AlreadyUploaded as same:
+            response.status_code = 200
+            return service.to_out(same.dataset)
         return service.to_out(dataset)
     finally:
         service.discard(path)

@@ -9,17 +9,25 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.errors import Conflict, InvalidFile, NotFound, PayloadTooLarge
 from service.core.ids import new_id
 from service.datasets.schemas import DatasetOut
-from service.models import Dataset, DatasetSample, JobStatus, ScoringJob
+from service.models import Dataset, DatasetSample, JobEvent, JobStatus, ScoringJob
 from worker.formats import iter_samples, validate_file
 
 INSERT_BATCH = 2000
 COPY_CHUNK = 1 << 20
+
+
+class AlreadyUploaded(Exception):
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset.id)
+        self.dataset = dataset
 
 
 def to_out(ds: Dataset) -> DatasetOut:
@@ -99,7 +107,16 @@ def import_file(
         idempotency_key=idempotency_key,
     )
     session.add(dataset)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        # A concurrent upload with the same Idempotency-Key won the race.
+        if idempotency_key and (
+            won := find_idempotent(session, tenant_id, idempotency_key, sha256)
+        ):
+            raise AlreadyUploaded(won) from exc
+        raise
     batch: list[dict[str, object]] = []
     for sample in iter_samples(path, report.format):
         batch.append(
@@ -137,6 +154,9 @@ def delete(session: Session, tenant_id: str, dataset_id: str) -> None:
     )
     if active:
         raise Conflict(f"scoring job {active} is still active; cancel it first")
+    # Events are shared by job kinds and carry no foreign key: delete them explicitly.
+    jobs = select(ScoringJob.id).where(ScoringJob.dataset_id == ds.id)
+    session.execute(sql_delete(JobEvent).where(JobEvent.job_id.in_(jobs)))
     session.delete(ds)
     session.flush()
 

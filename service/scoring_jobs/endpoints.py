@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from service.core.auth import TenantDep
 from service.core.deps import SessionDep
-from service.core.errors import ERROR_RESPONSES
+from service.core.errors import ERROR_RESPONSES, APIError
 from service.core.pagination import ListParams, ListResponse, list_params, paginate
 from service.models import JobEvent, ScoringJob
 from service.scoring_jobs import service
@@ -52,11 +52,10 @@ def list_scoring_job_events(
     job = service.get(session, tenant, job_id)
     after = None
     if params.after is not None:
-        after = (
-            int(params.after.removeprefix("evt_"))
-            if params.after.removeprefix("evt_").isdigit()
-            else 0
-        )
+        digits = params.after.removeprefix("evt_")
+        if not digits.isdigit():
+            raise APIError("after must be an event id such as evt_42", param="after")
+        after = int(digits)
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     rows, more = paginate(session, stmt, JobEvent.id, params, after)
     return ListResponse(data=[service.event_out(e) for e in rows], has_more=more)

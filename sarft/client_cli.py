@@ -1,0 +1,247 @@
+"""Client commands: talk to a running sarft API (upload, roles, jobs, download)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sarft.client import SarftAPIError, SarftClient
+
+jobs_app = typer.Typer(help="Scoring jobs on a sarft API.", no_args_is_help=True)
+roles_app = typer.Typer(help="Roles (characters) on a sarft API.", no_args_is_help=True)
+console = Console(stderr=True)
+
+ApiUrl = Annotated[
+    str | None,
+    typer.Option("--api-url", envvar="SARFT_API_URL", help="API base URL.", show_default=False),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="SARFT_API_KEY", help="API key.", show_default=False),
+]
+
+
+def make_client(api_url: str | None, api_key: str | None) -> SarftClient:
+    """The client every command uses (tests replace this to inject an in-process app)."""
+    return SarftClient(base_url=api_url, api_key=api_key)
+
+
+@contextmanager
+def _client(api_url: str | None, api_key: str | None) -> Iterator[SarftClient]:
+    """A client whose API and connection errors end the command with exit code 2."""
+    client = make_client(api_url, api_key)
+    try:
+        yield client
+    except SarftAPIError as exc:
+        console.print(f"error ({exc.status} {exc.code}): {exc.message}", markup=False)
+        for err in exc.errors:
+            where = f"line {err['line']}: " if err.get("line") else ""
+            console.print(f"  {where}{err.get('message', '')}", markup=False)
+        raise typer.Exit(2) from exc
+    except httpx.HTTPError as exc:
+        console.print(f"error: cannot reach {client.base_url}: {exc}", markup=False)
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _profile_text(profile: str | None, profile_file: Path | None) -> str | None:
+    if profile is not None and profile_file is not None:
+        raise typer.BadParameter("give --profile or --profile-file, not both")
+    if profile_file is not None:
+        try:
+            return profile_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {profile_file}: {exc}") from exc
+    return profile
+
+
+Profile = Annotated[str | None, typer.Option("--profile", help="Character profile text.")]
+ProfileFile = Annotated[
+    Path | None,
+    typer.Option("--profile-file", help="File holding the profile.", dir_okay=False),
+]
+
+
+def upload(
+    file: Annotated[
+        Path, typer.Argument(help="JSONL or JSON dataset.", exists=True, dir_okay=False)
+    ],
+    role_id: Annotated[str | None, typer.Option("--role-id", help="An existing role.")] = None,
+    role_name: Annotated[
+        str | None, typer.Option("--role-name", help="Create the role inline: its name.")
+    ] = None,
+    profile: Profile = None,
+    profile_file: ProfileFile = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option("--idempotency-key", help="Retry-safe upload key.")
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload a dataset for a role; prints the dataset (422: each invalid line, exit 2)."""
+    text = _profile_text(profile, profile_file)
+    if role_id is not None and (role_name is not None or text is not None):
+        raise typer.BadParameter("give --role-id, or --role-name with a profile, not both")
+    if role_id is None and (role_name is None or text is None):
+        raise typer.BadParameter("give --role-id, or --role-name with --profile or --profile-file")
+    with _client(api_url, api_key) as client:
+        dataset = client.upload_dataset(
+            file,
+            role_id=role_id,
+            role_name=role_name,
+            role_profile=text,
+            idempotency_key=idempotency_key,
+        )
+    _echo_json(dataset)
+
+
+def download(
+    job_id: Annotated[str, typer.Argument(help="A succeeded scoring job.")],
+    which: Annotated[str, typer.Option("--which", help="flagged | all")] = "flagged",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file; default <job>-<which>.jsonl."),
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download the flagged (or all) samples with their scores as JSONL."""
+    if which not in ("flagged", "all"):
+        raise typer.BadParameter("--which must be flagged or all")
+    dest = out or Path(f"{job_id}-{which}.jsonl")
+    with _client(api_url, api_key) as client:
+        client.download_subset(job_id, dest, which=which)
+    lines = 0
+    with dest.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            lines += chunk.count(b"\n")
+    typer.echo(f"{dest} ({lines} lines)")
+
+
+@roles_app.command("create")
+def roles_create(
+    name: Annotated[str, typer.Option("--name", help="The character's name.")],
+    profile: Profile = None,
+    profile_file: ProfileFile = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a role from a name and profile; prints the role."""
+    text = _profile_text(profile, profile_file)
+    if text is None:
+        raise typer.BadParameter("give --profile or --profile-file")
+    with _client(api_url, api_key) as client:
+        _echo_json(client.create_role(name, text))
+
+
+@jobs_app.command("create")
+def jobs_create(
+    dataset_id: Annotated[str, typer.Argument(help="The dataset to score.")],
+    margin: Annotated[
+        float | None, typer.Option("--margin", help="Flag when s_unsafe - s_role > margin.")
+    ] = None,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Skip the empty-system pass.")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A model the server allows.")] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Start a scoring job; prints the job."""
+    options: dict[str, Any] = {"margin": margin, "batch_size": batch_size, "model": model}
+    if no_reference:
+        options["compute_reference"] = False
+    with _client(api_url, api_key) as client:
+        _echo_json(client.create_scoring_job(dataset_id, **options))
+
+
+@jobs_app.command("get")
+def jobs_get(
+    job_id: Annotated[str, typer.Argument()],
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Print a job's status, progress and result."""
+    with _client(api_url, api_key) as client:
+        _echo_json(client.get_scoring_job(job_id))
+
+
+@jobs_app.command("wait")
+def jobs_wait(
+    job_id: Annotated[str, typer.Argument()],
+    poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between polls.")] = 2.0,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Show progress until the job finishes; exit 0 if it succeeded, 1 otherwise."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("queued", total=None)
+
+    def update(job: dict[str, Any]) -> None:
+        done = job["progress"]
+        progress.update(
+            task, description=job["status"], total=done["total"], completed=done["processed"]
+        )
+
+    with _client(api_url, api_key) as client:
+        try:
+            with progress:
+                job = client.wait_scoring_job(job_id, poll_s=poll, on_progress=update)
+        except KeyboardInterrupt:
+            console.print(f"stopped waiting; the job runs on (sarft jobs cancel {job_id})")
+            raise typer.Exit(130) from None
+    _echo_json(job)
+    if job["status"] != "succeeded":
+        reason = job.get("error") or "no error recorded"
+        console.print(f"job {job['status']}: {reason}", markup=False)
+        raise typer.Exit(1)
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: Annotated[str, typer.Argument()],
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the latest N events.")
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Print the job's events, oldest first."""
+    with _client(api_url, api_key) as client:
+        events = client.list_events(job_id, limit=limit)
+    for event in events:
+        data = f" {json.dumps(event['data'], ensure_ascii=False)}" if event.get("data") else ""
+        when = datetime.fromtimestamp(event["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        typer.echo(f"{when} {event['level']:<7} {event['message']}{data}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument()],
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Cancel a queued or running job; prints the job."""
+    with _client(api_url, api_key) as client:
+        _echo_json(client.cancel_scoring_job(job_id))

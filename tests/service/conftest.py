@@ -1,0 +1,173 @@
+"""Service tests run against the real Postgres and Redis of this machine.
+
+A fresh database per test session (dropped at the end), a Redis database and a
+queue prefix of its own, so runs never see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+PG_ADMIN = os.environ.get("SARFT_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SARFT_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+MODEL_HOME = Path(os.environ.get("SARFT_TEST_CACHE", Path.home() / ".cache" / "sarft-test"))
+
+
+def clear_caches() -> None:
+    from service.core import config, db, queue
+
+    config.get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    db.get_sessionmaker.cache_clear()
+    queue.get_queue.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"Postgres is not reachable at {PG_ADMIN}: {exc} (start it: see .ci/run)")
+    name = f"sarft_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    env = {
+        "SARFT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        "SARFT_REDIS_URL": REDIS_URL,
+        "SARFT_QUEUE_PREFIX": f"{name}-",
+        # The bundled model's converted copy lives here; the tests' cache is reused.
+        "SARFT_HOME": str(MODEL_HOME),
+        "HF_HUB_OFFLINE": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    clear_caches()
+    from service.core.migrate import upgrade
+
+    upgrade()
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        clear_caches()
+        from sqlalchemy.pool import NullPool  # noqa: F401  (engine disposed below)
+
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    from service.app import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+@pytest.fixture()
+def make_key(service_env: dict[str, str]) -> Callable[[str | None], dict[str, str]]:
+    """Headers with a new key for a new (or named) tenant."""
+    from service.core.auth import create_key
+    from service.core.db import session_scope
+
+    def make(tenant: str | None = None) -> dict[str, str]:
+        with session_scope() as session:
+            key = create_key(session, tenant or f"tenant-{uuid.uuid4().hex[:8]}")
+        return {"Authorization": f"Bearer {key}"}
+
+    return make
+
+
+class WorkerProcess:
+    """A real `sarft worker` subprocess."""
+
+    def __init__(self, env: dict[str, str], queue: str = "scoring") -> None:
+        self.log = open(  # noqa: SIM115  (closed in stop)
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"sarft-worker-{uuid.uuid4().hex[:6]}.log",
+            "w+",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sarft", "worker", "--queue", queue],
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+
+@pytest.fixture()
+def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(**extra_env: str) -> WorkerProcess:
+        worker = WorkerProcess({**service_env, **extra_env})
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(
+    client: TestClient,
+    headers: dict[str, str],
+    job_id: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float = 600,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/scoring_jobs/{job_id}", headers=headers).json()
+        if until(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting on job {job_id}: {job}")
+
+
+def rolebench_file(path: Path, n: int, role: str = "Jack Sparrow") -> Path:
+    import json
+
+    source = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
+    if not source.exists():
+        pytest.skip(f"shared data missing: {source}")
+    rows = [json.loads(line) for line in source.open(encoding="utf-8")]
+    with path.open("w", encoding="utf-8") as out:
+        for row in [r for r in rows if r["role"] == role][:n]:
+            out.write(json.dumps(row) + "\n")
+    return path
