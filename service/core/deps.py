@@ -8,20 +8,13 @@ from typing import Annotated
 from fastapi import Depends
 from sqlalchemy.orm import Session
 
-from service.core.db import get_sessionmaker
+from service.core.db import session_scope
 
 
 def get_session() -> Iterator[Session]:
     """One session per request: commit on success, roll back on any error."""
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

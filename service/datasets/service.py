@@ -14,8 +14,9 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.core.errors import Conflict, InvalidFile, NotFound, PayloadTooLarge
+from service.core.errors import Conflict, InvalidFile, PayloadTooLarge
 from service.core.ids import new_id
+from service.core.scoping import get_owned
 from service.datasets.schemas import DatasetOut
 from service.models import Dataset, DatasetSample, JobEvent, JobStatus, ScoringJob
 from worker.formats import iter_samples, validate_file
@@ -136,12 +137,7 @@ def import_file(
 
 
 def get(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    ds = session.scalar(
-        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
-    )
-    if ds is None:
-        raise NotFound(f"no dataset {dataset_id!r}", param="dataset_id")
-    return ds
+    return get_owned(session, Dataset, dataset_id, tenant_id, what="dataset", param="dataset_id")
 
 
 def delete(session: Session, tenant_id: str, dataset_id: str) -> None:

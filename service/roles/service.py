@@ -3,8 +3,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.core.errors import Conflict, NotFound
+from service.core.errors import Conflict
 from service.core.ids import new_id
+from service.core.scoping import get_owned
 from service.models import Dataset, Role
 from service.roles.schemas import RoleCreate, RoleOut
 from worker.prompts import RolePrompts
@@ -40,10 +41,7 @@ def create(session: Session, tenant_id: str, body: RoleCreate) -> Role:
 
 
 def get(session: Session, tenant_id: str, role_id: str) -> Role:
-    role = session.scalar(select(Role).where(Role.id == role_id, Role.tenant_id == tenant_id))
-    if role is None:
-        raise NotFound(f"no role {role_id!r}", param="role_id")
-    return role
+    return get_owned(session, Role, role_id, tenant_id, what="role", param="role_id")
 
 
 def delete(session: Session, tenant_id: str, role_id: str) -> None:

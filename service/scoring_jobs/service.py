@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from service.core.config import get_settings
 from service.core.db import after_commit, session_scope, utcnow
-from service.core.errors import APIError, Conflict, NotFound
+from service.core.errors import APIError, Conflict
 from service.core.ids import new_id
 from service.core.queue import SCORING_QUEUE, get_queue
+from service.core.scoping import get_owned
 from service.datasets import service as datasets
 from service.models import (
     DatasetSample,
@@ -108,12 +109,7 @@ def create(session: Session, tenant_id: str, body: ScoringJobCreate) -> ScoringJ
 
 
 def get(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
-    job = session.scalar(
-        select(ScoringJob).where(ScoringJob.id == job_id, ScoringJob.tenant_id == tenant_id)
-    )
-    if job is None:
-        raise NotFound(f"no scoring job {job_id!r}", param="job_id")
-    return job
+    return get_owned(session, ScoringJob, job_id, tenant_id, what="scoring job", param="job_id")
 
 
 def cancel(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
