@@ -62,14 +62,15 @@ SARFT = Path(sys.prefix) / "bin" / "sarft"
 
 # --------------------------------------------------------------------------- data
 
-WORDS = (
+_WORD_TEXT = (
     "ship sea captain rum treasure compass storm harbor crew island map gold sword wind "
     "sail night star moon promise honor bargain secret tavern journey cannon anchor "
     "horizon legend fortune mutiny parley voyage tide whisper shadow courage danger "
     "kingdom letter friend enemy bridge mountain river forest library lantern clock "
     "garden winter summer morning evening dream memory question answer reason truth "
     "always never perhaps certainly quietly boldly slowly quickly gladly rarely"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 OPENERS = ("What", "Why", "How", "When", "Where", "Who", "Could you tell me", "Do you think")
 ROLES = ("Bench Captain", "Bench Scholar", "Bench Innkeeper", "Bench Knight")
 
@@ -162,6 +163,19 @@ class Server:
     proc: subprocess.Popen[bytes]
     base_url: str
     log_path: Path
+
+    def log_problems(self, last: int = 10) -> tuple[int, list[str]]:
+        """Count of the server log's WARNING/ERROR/Traceback lines, and the last few."""
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return 0, []
+        bad = [
+            line
+            for line in text.splitlines()
+            if line.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))
+        ]
+        return len(bad), bad[-last:]
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -361,11 +375,13 @@ async def _poll(
                     resp = await client.get(url)
                     ok = resp.status_code == 200
                     if not ok and first_error is None:
-                        first_error = f"{resp.status_code} {resp.text[:300]}"
+                        when = time.perf_counter() - start
+                        first_error = f"at {when:.2f}s: {resp.status_code} {resp.text[:300]}"
                 except Exception as exc:
                     ok = False
                     if first_error is None:
-                        first_error = f"{type(exc).__name__}: {exc}"
+                        when = time.perf_counter() - start
+                        first_error = f"at {when:.2f}s: {type(exc).__name__}: {exc}"
                 latencies.append((time.perf_counter() - t0) * 1000.0)
                 if not ok:
                     errors += 1
@@ -466,7 +482,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"polling GET {poll_url}: {args.concurrency} tasks, {args.seconds:g}s ...")
         pr = poll(server.base_url, headers, poll_url, args.concurrency, args.seconds, pid)
         if pr.first_error:
-            print(f"first poll error: {pr.first_error}")
+            print(f"first poll error {pr.first_error}")
+        log_problems, last_problems = server.log_problems()
+        if log_problems:
+            print(f"server log: {log_problems} WARNING/ERROR line(s), the last ones:")
+            for line in last_problems:
+                print("   ", line[:300])
 
     lat = sorted(pr.latencies_ms)
     return {
@@ -488,6 +509,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "poll_p90_ms": percentile(lat, 90),
         "poll_p99_ms": percentile(lat, 99),
         "poll_errors": pr.errors,
+        "poll_first_error": pr.first_error,
+        "server_log_problems": log_problems,
         "poll_client_cpu_s": pr.client_cpu_s,
         "poll_server_cpu_s": pr.server_cpu_s,
         "database": args.database,
