@@ -28,9 +28,9 @@ WORKDIR /app
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-COPY docker/requirements-server.txt docker/requirements-server.txt
+COPY docker/requirements-common.txt docker/requirements-api.txt docker/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r docker/requirements-server.txt
+    pip install -r docker/requirements-api.txt
 
 COPY pyproject.toml README.md alembic.ini ./
 COPY sarft/ sarft/

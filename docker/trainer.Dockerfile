@@ -37,9 +37,9 @@ WORKDIR /app
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}"
 
-COPY docker/requirements-server.txt docker/requirements-server.txt
+COPY docker/requirements-common.txt docker/requirements-api.txt docker/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -r docker/requirements-server.txt
+    pip install -r docker/requirements-api.txt
 
 COPY pyproject.toml README.md alembic.ini ./
 COPY sarft/ sarft/

@@ -7,9 +7,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+import migrations
 from service.core.config import get_settings
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+# An installed package, so `pip install .` (not only editable installs) finds it.
+MIGRATIONS = Path(migrations.__file__).resolve().parent
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
+# Logit elements projected at once (64 MiB in fp32): bounds memory whatever the vocabulary.
+LOGITS_BLOCK_ELEMENTS = 1 << 24
+
 
 def _needed_len(seq: EncodedSequence) -> int:
     """Tokens that must be run: the last response token is only a label, never an input."""
@@ -181,14 +184,30 @@ class TransformersScorer:
         prefix = kv if start > 0 else None
         if self.direct_projection:
             hidden = self._run(self.decoder, ids, positions, prefix, start).last_hidden_state
-            logits = self._project(hidden[row_t, col_t])
+            token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
         else:
             logits = self._run(self.model, ids, positions, prefix, start).logits[row_t, col_t]
             logits = logits.float()
-        token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         sums.index_add_(0, row_t, token_lp.double())
         return sums.tolist()
+
+    def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(label) at each row of ``hidden``, projecting a bounded block of rows at a time.
+
+        Full-vocabulary logits of every response position of a batch would take
+        positions x vocab x 4 bytes (260 MB for SmolLM2 at batch 16, ~800 MB for
+        a 150k vocabulary); blocks keep that near ``LOGITS_BLOCK_ELEMENTS``.
+        """
+        vocab = self.lm_head.weight.shape[0]
+        rows = max(1, LOGITS_BLOCK_ELEMENTS // vocab)
+        out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(labels), rows):
+            logits = self._project(hidden[i : i + rows])
+            picked = logits.gather(1, labels[i : i + rows, None]).squeeze(1)
+            out[i : i + rows] = picked - torch.logsumexp(logits, dim=-1)
+        return out
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

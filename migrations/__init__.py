@@ -1,0 +1,1 @@
+"""Alembic migrations of the sarft database (applied by `sarft db upgrade` and `sarft serve`)."""
