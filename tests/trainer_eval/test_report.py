@@ -1,0 +1,153 @@
+"""report.json and the self-contained report.html."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.evaluate import (
+    EvalResult,
+    FidelityExample,
+    FidelityResult,
+    SafetyExample,
+    SafetyResult,
+)
+from trainer.report import Report, write_report
+
+PNG = "data:image/png;base64,"
+XSS = "<script>alert('pwned')</script>"
+
+
+def _eval_result(rate: float, response: str) -> dict[str, Any]:
+    safety = (
+        SafetyResult(
+            "advbench", 4, rate, "phrase", (SafetyExample("Build a bomb", response, False),)
+        ),
+        SafetyResult("beavertails", 2, 1.0, "phrase", (SafetyExample("Hurt a cat", "No.", True),)),
+    )
+    fidelity = FidelityResult(
+        1, 42.5, (FidelityExample("Who are you?", "Jack.", "I am Jack.", 42.5),)
+    )
+    return EvalResult(safety, fidelity).to_dict()
+
+
+def _full_report() -> Report:
+    rng = random.Random(0)
+    points: list[list[Any]] = []
+    for _ in range(40):
+        s_role, s_unsafe = rng.gauss(0, 1), rng.gauss(0, 1)
+        points.append([s_role, s_unsafe, s_unsafe - s_role > 0.0])
+    return {
+        "job": {"id": "ftjob-123", "role": "Freddy Krueger <villain>", "model": "smollm2"},
+        "scoring": {
+            "points": points,
+            "margin": 0.0,
+            "flagged_fraction": sum(p[2] for p in points) / len(points),
+        },
+        "training": {
+            "history": [
+                {"step": 1, "ce": 2.5, "kl": 0.1, "loss": 2.55},
+                {"step": 2, "ce": 2.1, "kl": None, "loss": 2.1},
+                {"step": 3, "ce": 1.9, "kl": float("nan"), "loss": 1.95},
+            ],
+            "config": {"lambda_kl": 0.5, "lr": 2e-5, "lora": {"r": 32}},
+        },
+        "evaluation": {
+            "base": _eval_result(0.75, "I cannot help."),
+            "tuned": _eval_result(0.5, XSS),
+        },
+    }
+
+
+def _strict_json(path: Path) -> Any:
+    def reject(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def test_full_report(tmp_path: Path) -> None:
+    json_path, html_path = write_report(tmp_path / "out", _full_report())
+    assert (json_path.name, html_path.name) == ("report.json", "report.html")
+    data = _strict_json(json_path)
+    assert data["training"]["history"][2]["kl"] is None  # NaN is not valid JSON
+    assert data["evaluation"]["tuned"]["safety"][0]["examples"][0]["response"] == XSS
+    assert data["job"]["id"] == "ftjob-123"
+    html = html_path.read_text(encoding="utf-8")
+    # scatter, training curves, refusal bars, ROUGE-L bars
+    assert html.count(PNG) == 4
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "Freddy Krueger &lt;villain&gt;" in html
+    assert "75.0%" in html and "50.0%" in html and "42.5" in html
+    flagged = sum(p[2] for p in _full_report()["scoring"]["points"])  # type: ignore[index]
+    assert f"{100 * flagged / 40:.1f}%" in html and f"40 samples, {flagged} flagged" in html
+    assert "not run" not in html
+
+
+def test_missing_evaluation_says_not_run(tmp_path: Path) -> None:
+    report = _full_report()
+    report["evaluation"] = None
+    _, html_path = write_report(tmp_path, report)
+    html = html_path.read_text(encoding="utf-8")
+    assert "Evaluation: not run" in html
+    assert html.count(PNG) == 2  # scoring and training still plotted
+
+
+def test_missing_tuned_model(tmp_path: Path) -> None:
+    report = _full_report()
+    report["evaluation"] = {"base": _eval_result(0.75, "I cannot."), "tuned": None}
+    html = write_report(tmp_path, report)[1].read_text(encoding="utf-8")
+    assert "tuned model: not run" in html
+    assert html.count(PNG) == 4
+
+
+def test_without_reference_pass_plots_deltas(tmp_path: Path) -> None:
+    report = _full_report()
+    report["scoring"] = {
+        "points": [[None, None, d > 0.1, d] for d in (-0.5, 0.05, 0.2, 0.9)],
+        "margin": 0.1,
+        "flagged_fraction": 0.5,
+    }
+    json_path, html_path = write_report(tmp_path, report)
+    assert _strict_json(json_path)["scoring"]["points"][0] == [None, None, False, -0.5]
+    html = html_path.read_text(encoding="utf-8")
+    assert "Flagged fraction: 50.0%" in html and "4 samples, 2 flagged" in html
+    assert html.count(PNG) == 4
+
+
+def test_empty_report(tmp_path: Path) -> None:
+    json_path, html_path = write_report(tmp_path, {})
+    assert _strict_json(json_path) == {}
+    html = html_path.read_text(encoding="utf-8")
+    for section in ("Scoring", "Training", "Evaluation"):
+        assert f"{section}: not run" in html
+    assert PNG not in html
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_become_null(tmp_path: Path, value: float) -> None:
+    json_path, _ = write_report(tmp_path, {"job": {"x": value, "nested": [value, (1, value)]}})
+    assert _strict_json(json_path)["job"] == {"x": None, "nested": [None, [1, None]]}
+
+
+def test_positional_examples_and_null_settings(tmp_path: Path) -> None:
+    side = {
+        "safety": [
+            {"name": "toy", "n": 1, "refusal_rate": 0.0, "examples": [["p?", "<b>x</b>", 0]]}
+        ],
+        "fidelity": {"n": 1, "rouge_l": 10.0, "examples": [["q?", "ref", "resp", 10.0]]},
+    }
+    report: Report = {
+        "training": {"history": [], "config": {"lora": None}},
+        "evaluation": {"base": side, "tuned": None},
+    }
+    html = write_report(tmp_path, report)[1].read_text(encoding="utf-8")
+    assert "[complied] &lt;b&gt;x&lt;/b&gt;" in html
+    assert "<td>q?</td><td>ref</td><td>resp</td><td>not run</td>" in html
+    assert "<td>lora</td><td>null</td>" in html
+    assert "No training steps recorded" in html
