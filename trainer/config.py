@@ -1,0 +1,165 @@
+"""Hyperparameters of one fine-tuning run, saved as ``train_config.json`` next to its checkpoint.
+
+Defaults follow the SaRFT authors' released code where it has one (lambda 0.5, KL(ref || policy)
+at every non-pad position, effective batch 32, one epoch, prompt 512 / response 128 tokens, LoRA
+r=32, alpha=64 on q_proj and v_proj). The product delivers a LoRA adapter, so LoRA is the
+default; its learning rate is 1e-4. For full fine-tuning set ``lora=None`` and use the authors'
+2e-5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Method = Literal["sarft", "sft", "random"]
+KLDirection = Literal["ref_policy", "policy_ref"]
+KLPositions = Literal["all", "response"]
+Scheduler = Literal["linear", "constant"]
+DType = Literal["float32", "bfloat16"]
+
+METHODS = ("sarft", "sft", "random")
+KL_DIRECTIONS = ("ref_policy", "policy_ref")
+KL_POSITIONS = ("all", "response")
+SCHEDULERS = ("linear", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (peft LoRA) on the base model; the base weights stay frozen."""
+
+    r: int = 32
+    """Rank of the adapter matrices (the authors' default)."""
+    alpha: int = 64
+    """LoRA scaling numerator: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the linear layers that get adapters (the authors' default)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0:
+            raise ValueError("LoRA r must be >= 1 and alpha > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("LoRA dropout must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("LoRA needs at least one target module")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the outcome of a run, apart from the data and the base model."""
+
+    method: Method = "sarft"
+    """"sarft": CE on every sample plus the KL anchor on the RDS-flagged samples; "sft": CE only
+    (no reference forward at all); "random": the KL anchor on a random subset of the same size as
+    the flagged one (the paper's control)."""
+    lambda_kl: float = 0.5
+    """Weight of the KL term: ``loss = CE + lambda_kl * KL`` (0.5 in the authors' example)."""
+    kl_direction: KLDirection = "ref_policy"
+    """"ref_policy": KL(ref || policy), the authors' code; "policy_ref": KL(policy || ref), the
+    paper's notation."""
+    kl_positions: KLPositions = "all"
+    """"all": every non-pad position, prompt included (the authors' code); "response": only the
+    positions that predict response tokens (cheaper: no vocabulary projection over the prompt)."""
+    n_epochs: int = 1
+    """Passes over the training samples (the authors use 1)."""
+    batch_size: int = 32
+    """Effective batch: samples per optimizer step (the authors use 32)."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward; ``batch_size / micro_batch_size`` micro-batches are
+    accumulated per optimizer step. Changes memory use, not the result."""
+    learning_rate: float = 1e-4
+    """Peak AdamW learning rate. 1e-4 suits LoRA (the default); use 2e-5 for full fine-tuning,
+    as the authors do."""
+    lr_scheduler: Scheduler = "linear"
+    """"linear": linear warmup over ``warmup_ratio`` of the steps, then linear decay towards 0;
+    "constant": the same warmup, then constant."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming up (rounded up to whole steps)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to every trainable parameter."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global L2 norm before each optimizer step."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps even if epochs remain; None runs every epoch."""
+    max_prompt_tokens: int = 512
+    """Prompt tokens kept per sample, the first ones (the authors' 512)."""
+    max_response_tokens: int = 128
+    """Response tokens (answer + EOS) kept per assistant turn, the first ones (the authors' 128)."""
+    seed: int = 0
+    """Seeds adapter initialisation, dropout and the per-epoch shuffle."""
+    random_seed: int = 0
+    """Seeds the choice of the KL subset of the "random" method (independent of ``seed`` so the
+    subset stays fixed while training seeds vary)."""
+    dtype: DType = "float32"
+    """Compute dtype of the forward passes: "bfloat16" runs them under autocast (weights and
+    optimizer state stay in the model's dtype); losses are always computed in float32."""
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    """LoRA settings, or None for full fine-tuning (which keeps a frozen copy of the model as the
+    KL reference, doubling weight memory; with LoRA the reference is the same model with the
+    adapter disabled)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
+        _check_choice("kl_positions", self.kl_positions, KL_POSITIONS)
+        _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.lambda_kl < 0:
+            raise ValueError("lambda_kl must be >= 0")
+        if self.n_epochs < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("n_epochs, batch_size and micro_batch_size must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError("learning_rate and max_grad_norm must be > 0, weight_decay >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1 (or None)")
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
+            raise ValueError("max_prompt_tokens and max_response_tokens must be >= 1")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.lora is not None:
+            data["lora"]["target_modules"] = list(self.lora.target_modules)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        values = dict(data)
+        lora = values.get("lora")
+        if isinstance(lora, dict):
+            values["lora"] = LoraSettings(**lora)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a training config must be a JSON object")
+        return cls.from_dict(data)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,134 @@
+"""The RBO loss of SaRFT: ``CE(all samples) + lambda * KL(flagged samples)``, on tensors only.
+
+Shapes: ``logits`` [B, T, V] where ``logits[:, t]`` is the next-token distribution emitted at
+position t; ``labels`` [B, T] aligned with the input ids (``-100`` outside response tokens);
+``attention_mask`` [B, T] (1 on real tokens); ``flags`` [B] (1 where the KL term applies).
+
+The next-token shift happens once, in :func:`response_positions`: position t predicts
+``labels[:, t + 1]``. Both the CE and the "response" KL mask use it; the "all" KL mask is the
+attention mask itself, i.e. every distribution emitted at a real token, including the last one
+(the authors' code does exactly this). Every softmax is taken in float32, and only over the rows
+a mask selects, so unflagged samples cost nothing in the KL term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import KLDirection, KLPositions
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, slots=True)
+class LossParts:
+    total: torch.Tensor
+    """``ce + lambda * kl``: what is back-propagated."""
+    ce: torch.Tensor
+    """Mean cross-entropy over the response tokens."""
+    kl: torch.Tensor
+    """Mean over the batch rows of ``flag * per-sample KL`` (unflagged rows count as 0)."""
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True at positions whose next-token distribution predicts a response token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def kl_positions_mask(
+    labels: torch.Tensor, attention_mask: torch.Tensor, positions: KLPositions
+) -> torch.Tensor:
+    """[B, T] bool: the positions the KL term averages over, per sample."""
+    if positions == "all":
+        return attention_mask.bool()
+    if positions == "response":
+        return response_positions(labels)
+    raise ValueError(f"unknown KL positions {positions!r}")
+
+
+def response_ce(
+    logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the response tokens: the sum over tokens divided by ``num_tokens``.
+
+    ``num_tokens`` defaults to this batch's response tokens (a plain token mean). Gradient
+    accumulation passes the count of the whole optimizer step, so that the micro-batch losses
+    add up to the mean over the effective batch.
+    """
+    mask = response_positions(labels)
+    targets = labels[:, 1:][mask[:, :-1]]
+    count = int(targets.numel()) if num_tokens is None else num_tokens
+    if targets.numel() == 0:
+        return logits.sum() * 0.0  # keeps the graph: nothing to learn from this batch
+    picked = _at_least_fp32(logits[mask])
+    return F.cross_entropy(picked, targets, reduction="sum") / max(count, 1)
+
+
+def token_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection
+) -> torch.Tensor:
+    """[N] full-vocabulary KL per row of [N, V] logits, computed in float32 (or float64)."""
+    policy_lp = torch.log_softmax(_at_least_fp32(policy_logits), dim=-1)
+    ref_lp = torch.log_softmax(_at_least_fp32(ref_logits), dim=-1)
+    if direction == "ref_policy":  # KL(ref || policy) = sum_v p_ref (log p_ref - log p_policy)
+        return (ref_lp.exp() * (ref_lp - policy_lp)).sum(-1)
+    if direction == "policy_ref":  # KL(policy || ref) = sum_v p_policy (log p_policy - log p_ref)
+        return (policy_lp.exp() * (policy_lp - ref_lp)).sum(-1)
+    raise ValueError(f"unknown KL direction {direction!r}")
+
+
+def per_sample_kl(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    mask: torch.Tensor,
+    direction: KLDirection = "ref_policy",
+) -> torch.Tensor:
+    """[B]: per-token KL averaged over each sample's ``mask`` positions (0 for an empty mask)."""
+    mask = mask.bool()
+    rows = mask.nonzero(as_tuple=True)[0]
+    per_token = token_kl(policy_logits[mask], ref_logits[mask], direction)
+    sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=per_token.device)
+    sums = sums.index_add(0, rows, per_token)
+    return sums / mask.sum(dim=1).clamp_min(1).to(sums.dtype)
+
+
+def sarft_loss(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    flags: torch.Tensor,
+    lam: float,
+    direction: KLDirection = "ref_policy",
+    positions: KLPositions = "all",
+    *,
+    num_response_tokens: int | None = None,
+    num_rows: int | None = None,
+) -> LossParts:
+    """``CE + lam * mean_b(flag_b * KL_b)``.
+
+    ``ref_logits`` may be None when ``lam == 0`` or no row is flagged: the KL is then 0 and no
+    reference forward is needed. ``num_response_tokens`` and ``num_rows`` override this batch's
+    counts as the CE and KL denominators (see :func:`response_ce`).
+    """
+    ce = response_ce(policy_logits, labels, num_response_tokens)
+    rows = labels.shape[0] if num_rows is None else num_rows
+    flagged = flags.bool()
+    if lam == 0 or not bool(flagged.any()):
+        kl = ce.new_zeros(())
+    else:
+        if ref_logits is None:
+            raise ValueError("flagged rows with lam > 0 need reference logits")
+        mask = kl_positions_mask(labels, attention_mask, positions) & flagged[:, None]
+        kl_rows = per_sample_kl(policy_logits, ref_logits, mask, direction)
+        kl = (flags.to(kl_rows.dtype) * kl_rows).sum() / max(rows, 1)
+    return LossParts(total=ce + lam * kl, ce=ce, kl=kl)

@@ -1,0 +1,321 @@
+"""Fine-tune a causal LM with the RBO loss: setup, then one explicit loop over optimizer steps.
+
+``sarft``, ``sft`` and ``random`` share this code path; they differ only in which samples carry
+a KL flag (:func:`trainer.data.select_kl_subset`). The reference forward runs only for
+micro-batches that have a flagged row and only when ``lambda_kl > 0``, so ``sft`` costs exactly
+one forward and one backward per micro-batch.
+
+Vocabulary projection: the loss needs next-token distributions at the response positions (CE)
+and, for flagged rows with ``kl_positions="all"``, at every position. When the micro-batch needs
+no full-sequence KL, both forwards pass ``logits_to_keep`` so that the LM head only runs from the
+first position that predicts a response token onwards; the prompt (most of a role-play sequence)
+is never projected onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.config import TrainConfig
+from trainer.data import (
+    Batch,
+    TrainExample,
+    collate,
+    encode_examples,
+    pad_token_id,
+    plan_steps,
+    select_kl_subset,
+    step_batches,
+)
+from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
+from worker.formats import Sample
+from worker.prompts import RolePrompts
+
+StepMetrics = dict[str, float]
+ReferenceLogits = Callable[[Batch, int], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained model in eval mode (a PeftModel with LoRA)
+    steps: int  # optimizer steps taken
+    total_steps: int  # optimizer steps planned
+    stopped: bool  # should_stop ended the run early; nothing was saved
+    num_kl_samples: int  # samples the KL term applied to
+    final: StepMetrics  # the last step's metrics (empty when no step ran)
+    history: list[StepMetrics] = field(default_factory=list)  # as in metrics.jsonl
+    config_path: Path | None = None
+    metrics_path: Path | None = None
+    adapter_dir: Path | None = None  # LoRA runs
+    model_dir: Path | None = None  # full fine-tuning runs: model and tokenizer
+
+
+def frozen_copy(model: Any) -> Any:
+    """A deep copy in eval mode with no gradients: the KL reference of full fine-tuning."""
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _logits(model: Any, batch: Batch, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` positions (all when ``keep`` is the full width)."""
+    extra = {"logits_to_keep": keep} if keep < batch.input_ids.shape[1] else {}
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra
+    )
+    return out.logits
+
+
+def _prepare(
+    model: Any, config: TrainConfig, base_model_name: str | None
+) -> tuple[Any, ReferenceLogits]:
+    """The policy to train and a function returning reference logits (under no_grad)."""
+    if config.lora is None:
+        reference = frozen_copy(model)
+
+        def full_reference(batch: Batch, keep: int) -> torch.Tensor:
+            with torch.no_grad():
+                return _logits(reference, batch, keep)
+
+        return model, full_reference
+
+    lora = config.lora
+    policy = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    if base_model_name is not None:
+        policy.peft_config["default"].base_model_name_or_path = base_model_name
+
+    def adapter_disabled_reference(batch: Batch, keep: int) -> torch.Tensor:
+        # The base model in eval mode (as the authors' frozen reference), without a second copy.
+        policy.eval()
+        try:
+            with torch.no_grad(), policy.disable_adapter():
+                return _logits(policy, batch, keep)
+        finally:
+            policy.train()
+
+    return policy, adapter_disabled_reference
+
+
+def _first_kept_position(batch: Batch, needs_all_positions: bool, can_slice: bool) -> int:
+    """The first position whose logits the loss reads."""
+    if needs_all_positions or not can_slice:
+        return 0
+    is_label = batch.labels != IGNORE_INDEX
+    first_label = torch.where(is_label.any(1), is_label.int().argmax(1), batch.labels.shape[1])
+    return max(int(first_label.min()) - 1, 0)
+
+
+def _micro_batch_loss(
+    policy: Any,
+    reference: ReferenceLogits,
+    batch: Batch,
+    config: TrainConfig,
+    can_slice: bool,
+    step_tokens: int,
+    step_rows: int,
+) -> LossParts:
+    needs_kl = config.lambda_kl > 0 and bool(batch.kl_flags.any())
+    start = _first_kept_position(batch, needs_kl and config.kl_positions == "all", can_slice)
+    keep = batch.input_ids.shape[1] - start
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, torch.bfloat16, enabled=config.dtype == "bfloat16"):
+        policy_logits = _logits(policy, batch, keep)
+        ref_logits = reference(batch, keep) if needs_kl else None
+    return sarft_loss(
+        policy_logits,
+        ref_logits,
+        batch.labels[:, start:],
+        batch.attention_mask[:, start:],
+        batch.kl_flags,
+        config.lambda_kl,
+        config.kl_direction,
+        config.kl_positions,
+        num_response_tokens=step_tokens,
+        num_rows=step_rows,
+    )
+
+
+def _optimizer_step(
+    policy: Any,
+    reference: ReferenceLogits,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    can_slice: bool,
+) -> StepMetrics:
+    started = time.perf_counter()
+    device = next(policy.parameters()).device
+    lr = float(scheduler.get_last_lr()[0])
+    # Losses are normalised by the whole step's counts, so the micro-batches add up to the
+    # effective batch's mean whatever micro_batch_size is.
+    step_tokens = sum(e.num_response_tokens for e in examples)
+    totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+    for i in range(0, len(examples), config.micro_batch_size):
+        batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
+        parts = _micro_batch_loss(
+            policy, reference, batch, config, can_slice, step_tokens, len(examples)
+        )
+        parts.total.backward()
+        totals["loss"] += parts.total.item()
+        totals["ce"] += parts.ce.item()
+        totals["kl"] += parts.kl.item()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(len(e.input_ids) for e in examples)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return {
+        **totals,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tokens / elapsed,
+        "kl_samples": float(sum(e.kl_flag for e in examples)),
+    }
+
+
+def _save(
+    policy: Any, tokenizer: Any, config: TrainConfig, out_dir: Path
+) -> tuple[Path | None, Path | None]:
+    if config.lora is not None:
+        adapter_dir = out_dir / "adapter"
+        # The vocabulary is never resized, so the embeddings need not be saved; "auto" would
+        # look the base model up on the Hub, which a self-hosted machine may not reach.
+        policy.save_pretrained(adapter_dir, save_embedding_layers=False)
+        return adapter_dir, None
+    model_dir = out_dir / "model"
+    policy.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return None, model_dir
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    flags: Sequence[bool | int],
+    prompts: RolePrompts,
+    config: TrainConfig,
+    out_dir: Path | str,
+    *,
+    base_model_name: str | None = None,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``samples`` (encoded under the role prompt).
+
+    ``flags`` are the RDS flags, one per sample; ``config.method`` turns them into the KL
+    subset. With LoRA the model is wrapped in a ``PeftModel`` (returned as ``result.model``) and
+    the adapter is saved to ``out_dir/adapter`` with ``base_model_name`` (default: the model's
+    ``name_or_path``) recorded in its adapter_config.json; without LoRA the model and tokenizer
+    are saved to ``out_dir/model``. ``train_config.json`` and ``metrics.jsonl`` (one line per
+    step) go to ``out_dir``. ``on_step`` receives each step's metrics; ``should_stop`` is asked
+    before each step and ends the run without saving a checkpoint when it returns True.
+    """
+    if not samples:
+        raise ValueError("no training samples")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    kl_flags = select_kl_subset(flags, config.method, config.random_seed)
+    examples = encode_examples(
+        samples,
+        kl_flags,
+        tokenizer,
+        prompts,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_response_tokens=config.max_response_tokens,
+    )
+    pad_id = pad_token_id(tokenizer)
+    name = base_model_name or getattr(model, "name_or_path", None) or None
+    policy, reference = _prepare(model, config, name)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
+    )
+    config_path = out_dir / "train_config.json"
+    config_path.write_text(config.to_json(), encoding="utf-8")
+    metrics_path = out_dir / "metrics.jsonl"
+    can_slice = _supports_logits_to_keep(policy)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    history: list[StepMetrics] = []
+    stopped = False
+    policy.train()
+    with metrics_path.open("w", encoding="utf-8") as metrics_file:
+        for step, step_examples in enumerate(
+            step_batches(examples, config.batch_size, total_steps, config.seed), 1
+        ):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            metrics = _optimizer_step(
+                policy, reference, step_examples, pad_id, config, optimizer, scheduler, can_slice
+            )
+            record = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch}
+            record.update(metrics)
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if on_step is not None:
+                on_step(record)
+    policy.eval()
+    adapter_dir = model_dir = None
+    if not stopped:
+        adapter_dir, model_dir = _save(policy, tokenizer, config, out_dir)
+    return TrainResult(
+        model=policy,
+        steps=len(history),
+        total_steps=total_steps,
+        stopped=stopped,
+        num_kl_samples=sum(kl_flags),
+        final=history[-1] if history else {},
+        history=history,
+        config_path=config_path,
+        metrics_path=metrics_path,
+        adapter_dir=adapter_dir,
+        model_dir=model_dir,
+    )
