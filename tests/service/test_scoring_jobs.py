@@ -152,3 +152,39 @@ def test_cancel_stops_running_job(
         client.get(f"/v1/scoring_jobs/{job}", headers=h).json()["progress"]["processed"]
         == stopped_at
     )
+
+
+def test_shards_score_in_parallel_on_two_workers(
+    client: TestClient,
+    make_key: Callable[..., Headers],
+    start_worker: Callable[..., Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.core.config import get_settings
+
+    h = make_key()
+    ds = upload(client, h, rolebench_file(tmp_path / "jack.jsonl", 8), sarft_role(client, h))
+    monkeypatch.setenv("SARFT_SHARD_SIZE", "2")  # read by the API when it creates the job
+    get_settings.cache_clear()
+    try:
+        job = client.post("/v1/scoring_jobs", json={"dataset_id": ds}, headers=h).json()["id"]
+    finally:
+        monkeypatch.delenv("SARFT_SHARD_SIZE")
+        get_settings.cache_clear()
+    workers = [start_worker(), start_worker()]
+    done = wait_for(client, h, job, lambda j: j["status"] in ("succeeded", "failed"))
+    assert done["status"] == "succeeded", (done, workers[0].output()[-2000:])
+    assert done["progress"] == {"processed": 8, "total": 8} and done["result"]["num_samples"] == 8
+    events = client.get(f"/v1/scoring_jobs/{job}/events?limit=100", headers=h).json()["data"]
+    finished = sorted(e["data"]["shard"] for e in events if e["message"].endswith("finished"))
+    assert finished == [0, 1, 2, 3]
+    started_by = {
+        e["data"]["worker"]
+        for e in events
+        if e["message"].startswith("shard ") and e["message"].endswith("started")
+    }
+    assert len(started_by) == 2, events  # both workers took shards
+    assert sum(e["message"] == "job succeeded" for e in events) == 1
+    rows = subset(client, h, job, "all")
+    assert len(rows) == 8 and len({r["question"] for r in rows}) == 8
