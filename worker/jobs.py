@@ -186,7 +186,11 @@ def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: in
             status = session.scalar(select(ScoringJob.status).where(ScoringJob.id == job_id))
             if status == JobStatus.CANCELLED:
                 raise JobCancelled
-            done = select(SampleScore.idx).where(SampleScore.job_id == job_id)
+            # Only this shard's not-yet-passed range: a normal run finds nothing here,
+            # so the check costs nothing per chunk however many scores the job has.
+            done = select(SampleScore.idx).where(
+                SampleScore.job_id == job_id, SampleScore.idx > cursor, SampleScore.idx < end
+            )
             rows = session.execute(
                 select(DatasetSample.idx, DatasetSample.line, DatasetSample.record)
                 .where(

@@ -87,7 +87,7 @@ def download_subset(
     job = service.get(session, tenant, job_id)
     service.check_downloadable(job)
     return StreamingResponse(
-        service.stream_subset(job.id, flagged_only=which == "flagged"),
+        service.stream_subset(job.id, job.dataset_id, flagged_only=which == "flagged"),
         media_type="application/x-ndjson",
         headers={"Content-Disposition": f'attachment; filename="{job.id}-{which}.jsonl"'},
     )

@@ -123,7 +123,7 @@ def cancel(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
     return job
 
 
-def stream_subset(job_id: str, flagged_only: bool) -> Iterator[bytes]:
+def stream_subset(job_id: str, dataset_id: str, flagged_only: bool) -> Iterator[bytes]:
     """JSONL in upload order: each record as uploaded, plus its ``scores``.
 
     Pages by sample index with its own sessions, so memory stays flat and no
@@ -132,15 +132,13 @@ def stream_subset(job_id: str, flagged_only: bool) -> Iterator[bytes]:
     last = -1
     while True:
         with session_scope() as session:
-            job = session.get(ScoringJob, job_id)
-            assert job is not None
             stmt = (
                 select(DatasetSample.idx, DatasetSample.record, SampleScore.scores)
                 .join(
                     SampleScore,
                     (SampleScore.idx == DatasetSample.idx) & (SampleScore.job_id == job_id),
                 )
-                .where(DatasetSample.dataset_id == job.dataset_id, DatasetSample.idx > last)
+                .where(DatasetSample.dataset_id == dataset_id, DatasetSample.idx > last)
                 .order_by(DatasetSample.idx)
                 .limit(PAGE)
             )

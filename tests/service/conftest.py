@@ -67,8 +67,6 @@ def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             else:
                 os.environ[key] = value
         clear_caches()
-        from sqlalchemy.pool import NullPool  # noqa: F401  (engine disposed below)
-
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 
