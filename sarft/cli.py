@@ -39,6 +39,10 @@ app.add_typer(jobs_app, name="jobs")
 app.command()(upload)
 app.command()(download)
 
+from sarft.train_cli import train  # noqa: E402
+
+app.command()(train)
+
 
 @app.callback()
 def _root() -> None:

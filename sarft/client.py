@@ -20,6 +20,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 EVENTS_PAGE = 100
 CHUNK = 1 << 16
+FINE_TUNING = "/v1/fine_tuning/jobs"
+
+
+def job_path(job_id: str) -> str:
+    """The API path of a job: fine-tuning job ids start with ``ftjob_``."""
+    if job_id.startswith("ftjob_"):
+        return f"{FINE_TUNING}/{job_id}"
+    return f"/v1/scoring_jobs/{job_id}"
 
 
 class HTTPResponse(Protocol):
@@ -201,7 +209,7 @@ class SarftClient:
             )
         return result
 
-    # --- scoring jobs --------------------------------------------------------------------------
+    # --- jobs (scoring and fine-tuning, told apart by their id prefix) ----------------------
 
     def create_scoring_job(self, dataset_id: str, **options: Any) -> dict[str, Any]:
         """Options: margin, compute_reference, batch_size, model, backend (None: server's)."""
@@ -213,6 +221,37 @@ class SarftClient:
         result: dict[str, Any] = self._request("GET", f"/v1/scoring_jobs/{job_id}")
         return result
 
+    def create_fine_tuning_job(
+        self,
+        dataset_id: str,
+        scoring_job_id: str,
+        method: str = "sarft",
+        hyperparameters: Mapping[str, Any] | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        *,
+        skip_evaluation: bool = False,
+    ) -> dict[str, Any]:
+        """``hyperparameters`` and ``evaluation``: as the API's body (None: server defaults);
+        ``skip_evaluation`` sends ``evaluation: null``."""
+        body: dict[str, Any] = {
+            "dataset_id": dataset_id,
+            "scoring_job_id": scoring_job_id,
+            "method": method,
+        }
+        if hyperparameters is not None:
+            body["hyperparameters"] = dict(hyperparameters)
+        if skip_evaluation:
+            body["evaluation"] = None
+        elif evaluation is not None:
+            body["evaluation"] = dict(evaluation)
+        result: dict[str, Any] = self._request("POST", FINE_TUNING, json=body)
+        return result
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """A scoring job or a fine-tuning job."""
+        result: dict[str, Any] = self._request("GET", job_path(job_id))
+        return result
+
     def list_events(self, job_id: str, limit: int | None = None) -> list[dict[str, Any]]:
         """The job's ``limit`` most recent events (all when None), oldest first."""
         events: list[dict[str, Any]] = []
@@ -222,7 +261,7 @@ class SarftClient:
             params: dict[str, Any] = {"limit": page}
             if after is not None:
                 params["after"] = after
-            body = self._request("GET", f"/v1/scoring_jobs/{job_id}/events", params=params)
+            body = self._request("GET", f"{job_path(job_id)}/events", params=params)
             events.extend(body["data"])
             if not body.get("has_more") or not body["data"]:
                 break
@@ -230,11 +269,11 @@ class SarftClient:
         events.reverse()
         return events
 
-    def cancel_scoring_job(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("POST", f"/v1/scoring_jobs/{job_id}/cancel")
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", f"{job_path(job_id)}/cancel")
         return result
 
-    def wait_scoring_job(
+    def wait_job(
         self,
         job_id: str,
         poll_s: float = 2.0,
@@ -248,7 +287,7 @@ class SarftClient:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            job = self.get_scoring_job(job_id)
+            job = self.get_job(job_id)
             if on_progress is not None:
                 on_progress(job)
             if job["status"] in FINISHED:
@@ -257,19 +296,29 @@ class SarftClient:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
-    def download_subset(self, job_id: str, dest_path: str | Path, which: str = "flagged") -> int:
-        """Stream the flagged (or all) samples as JSONL to ``dest_path``; returns bytes written.
+    # --- downloads -----------------------------------------------------------------------------
 
-        The file is written under a ``.part`` name and renamed once complete.
-        """
+    def download_subset(self, job_id: str, dest_path: str | Path, which: str = "flagged") -> int:
+        """Stream a scoring job's flagged (or all) samples as JSONL; returns bytes written."""
+        return self._download(f"/v1/scoring_jobs/{job_id}/subset", dest_path, {"which": which})
+
+    def download_adapter(self, job_id: str, dest_path: str | Path) -> int:
+        """A fine-tuning job's adapter (or full checkpoint) as .tar.gz; returns bytes written."""
+        return self._download(f"{FINE_TUNING}/{job_id}/adapter", dest_path)
+
+    def download_report(self, job_id: str, dest_path: str | Path, fmt: str = "json") -> int:
+        """A fine-tuning job's report, ``fmt`` json or html; returns bytes written."""
+        return self._download(f"{FINE_TUNING}/{job_id}/report", dest_path, {"format": fmt})
+
+    def _download(
+        self, path: str, dest_path: str | Path, params: Mapping[str, str] | None = None
+    ) -> int:
+        """Stream to ``dest_path`` under a ``.part`` name, renamed once complete."""
         dest = Path(dest_path)
         part = dest.with_name(dest.name + ".part")
         written = 0
         with self.http.stream(
-            "GET",
-            self.url(f"/v1/scoring_jobs/{job_id}/subset"),
-            params={"which": which},
-            headers=self._headers(),
+            "GET", self.url(path), params=dict(params or {}), headers=self._headers()
         ) as response:
             if response.status_code >= 400:
                 response.read()

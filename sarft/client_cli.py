@@ -16,7 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sarft.client import SarftAPIError, SarftClient
 
-jobs_app = typer.Typer(help="Scoring jobs on a sarft API.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Scoring and fine-tuning jobs on a sarft API (get, wait, events, cancel).",
+    no_args_is_help=True,
+)
 roles_app = typer.Typer(help="Roles (characters) on a sarft API.", no_args_is_help=True)
 console = Console(stderr=True)
 
@@ -36,7 +39,7 @@ def make_client(api_url: str | None, api_key: str | None) -> SarftClient:
 
 
 @contextmanager
-def _client(api_url: str | None, api_key: str | None) -> Iterator[SarftClient]:
+def api_client(api_url: str | None, api_key: str | None) -> Iterator[SarftClient]:
     """A client whose API and connection errors end the command with exit code 2."""
     client = make_client(api_url, api_key)
     try:
@@ -54,7 +57,7 @@ def _client(api_url: str | None, api_key: str | None) -> Iterator[SarftClient]:
         client.close()
 
 
-def _echo_json(obj: Any) -> None:
+def echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
@@ -98,7 +101,7 @@ def upload(
         raise typer.BadParameter("give --role-id, or --role-name with a profile, not both")
     if role_id is None and (role_name is None or text is None):
         raise typer.BadParameter("give --role-id, or --role-name with --profile or --profile-file")
-    with _client(api_url, api_key) as client:
+    with api_client(api_url, api_key) as client:
         dataset = client.upload_dataset(
             file,
             role_id=role_id,
@@ -106,30 +109,61 @@ def upload(
             role_profile=text,
             idempotency_key=idempotency_key,
         )
-    _echo_json(dataset)
+    echo_json(dataset)
 
 
 def download(
-    job_id: Annotated[str, typer.Argument(help="A succeeded scoring job.")],
-    which: Annotated[str, typer.Option("--which", help="flagged | all")] = "flagged",
+    job_id: Annotated[str, typer.Argument(help="A succeeded scoring or fine-tuning job.")],
+    which: Annotated[
+        str, typer.Option("--which", help="Scoring jobs: flagged | all samples.")
+    ] = "flagged",
+    adapter: Annotated[
+        bool, typer.Option("--adapter", help="Fine-tuning jobs: the adapter as .tar.gz.")
+    ] = False,
+    report: Annotated[
+        str | None, typer.Option("--report", help="Fine-tuning jobs: the report, json | html.")
+    ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output file; default <job>-<which>.jsonl."),
+        typer.Option("--out", "-o", help="Output file; default named after the job."),
     ] = None,
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Download the flagged (or all) samples with their scores as JSONL."""
+    """Download a scoring job's flagged (or all) samples, or a fine-tuning job's adapter or
+    report."""
+    if adapter and report is not None:
+        raise typer.BadParameter("give --adapter or --report, not both")
+    if report is not None and report not in ("json", "html"):
+        raise typer.BadParameter("--report must be json or html")
+    if (adapter or report is not None) != job_id.startswith("ftjob_"):
+        raise typer.BadParameter(
+            "--adapter and --report are for fine-tuning jobs (ftjob_...); "
+            "a scoring job's download is its samples (--which)"
+        )
     if which not in ("flagged", "all"):
         raise typer.BadParameter("--which must be flagged or all")
-    dest = out or Path(f"{job_id}-{which}.jsonl")
-    with _client(api_url, api_key) as client:
-        client.download_subset(job_id, dest, which=which)
+    with api_client(api_url, api_key) as client:
+        if adapter:
+            dest = out or Path(f"{job_id}-adapter.tar.gz")
+            size = client.download_adapter(job_id, dest)
+        elif report is not None:
+            dest = out or Path(f"{job_id}-report.{report}")
+            size = client.download_report(job_id, dest, report)
+        else:
+            dest = out or Path(f"{job_id}-{which}.jsonl")
+            client.download_subset(job_id, dest, which=which)
+            typer.echo(f"{dest} ({_count_lines(dest)} lines)")
+            return
+    typer.echo(f"{dest} ({size:,} bytes)")
+
+
+def _count_lines(path: Path) -> int:
     lines = 0
-    with dest.open("rb") as fh:
+    with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
             lines += chunk.count(b"\n")
-    typer.echo(f"{dest} ({lines} lines)")
+    return lines
 
 
 @roles_app.command("create")
@@ -144,8 +178,8 @@ def roles_create(
     text = _profile_text(profile, profile_file)
     if text is None:
         raise typer.BadParameter("give --profile or --profile-file")
-    with _client(api_url, api_key) as client:
-        _echo_json(client.create_role(name, text))
+    with api_client(api_url, api_key) as client:
+        echo_json(client.create_role(name, text))
 
 
 @jobs_app.command("create")
@@ -166,8 +200,8 @@ def jobs_create(
     options: dict[str, Any] = {"margin": margin, "batch_size": batch_size, "model": model}
     if no_reference:
         options["compute_reference"] = False
-    with _client(api_url, api_key) as client:
-        _echo_json(client.create_scoring_job(dataset_id, **options))
+    with api_client(api_url, api_key) as client:
+        echo_json(client.create_scoring_job(dataset_id, **options))
 
 
 @jobs_app.command("get")
@@ -177,8 +211,8 @@ def jobs_get(
     api_key: ApiKey = None,
 ) -> None:
     """Print a job's status, progress and result."""
-    with _client(api_url, api_key) as client:
-        _echo_json(client.get_scoring_job(job_id))
+    with api_client(api_url, api_key) as client:
+        echo_json(client.get_job(job_id))
 
 
 @jobs_app.command("wait")
@@ -189,6 +223,21 @@ def jobs_wait(
     api_key: ApiKey = None,
 ) -> None:
     """Show progress until the job finishes; exit 0 if it succeeded, 1 otherwise."""
+    with api_client(api_url, api_key) as client:
+        follow(client, job_id, poll)
+
+
+def _progress_of(job: dict[str, Any]) -> tuple[str, int | None, int]:
+    """(description, total, completed) of a scoring job (samples) or fine-tuning job (steps)."""
+    done = job["progress"]
+    if "phase" in done:
+        phase = done["phase"] if job["status"] == "running" else job["status"]
+        return phase.replace("_", " "), done["total_steps"], done["step"]
+    return job["status"], done["total"], done["processed"]
+
+
+def follow(client: SarftClient, job_id: str, poll: float) -> dict[str, Any]:
+    """Poll with a progress bar until the job finishes; print it; exit 1 unless it succeeded."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -199,23 +248,21 @@ def jobs_wait(
     task = progress.add_task("queued", total=None)
 
     def update(job: dict[str, Any]) -> None:
-        done = job["progress"]
-        progress.update(
-            task, description=job["status"], total=done["total"], completed=done["processed"]
-        )
+        description, total, completed = _progress_of(job)
+        progress.update(task, description=description, total=total, completed=completed)
 
-    with _client(api_url, api_key) as client:
-        try:
-            with progress:
-                job = client.wait_scoring_job(job_id, poll_s=poll, on_progress=update)
-        except KeyboardInterrupt:
-            console.print(f"stopped waiting; the job runs on (sarft jobs cancel {job_id})")
-            raise typer.Exit(130) from None
-    _echo_json(job)
+    try:
+        with progress:
+            job = client.wait_job(job_id, poll_s=poll, on_progress=update)
+    except KeyboardInterrupt:
+        console.print(f"stopped waiting; the job runs on (sarft jobs cancel {job_id})")
+        raise typer.Exit(130) from None
+    echo_json(job)
     if job["status"] != "succeeded":
         reason = job.get("error") or "no error recorded"
         console.print(f"job {job['status']}: {reason}", markup=False)
         raise typer.Exit(1)
+    return job
 
 
 @jobs_app.command("events")
@@ -228,7 +275,7 @@ def jobs_events(
     api_key: ApiKey = None,
 ) -> None:
     """Print the job's events, oldest first."""
-    with _client(api_url, api_key) as client:
+    with api_client(api_url, api_key) as client:
         events = client.list_events(job_id, limit=limit)
     for event in events:
         data = f" {json.dumps(event['data'], ensure_ascii=False)}" if event.get("data") else ""
@@ -243,5 +290,5 @@ def jobs_cancel(
     api_key: ApiKey = None,
 ) -> None:
     """Cancel a queued or running job; prints the job."""
-    with _client(api_url, api_key) as client:
-        _echo_json(client.cancel_scoring_job(job_id))
+    with api_client(api_url, api_key) as client:
+        echo_json(client.cancel_job(job_id))

@@ -14,6 +14,8 @@ log = logging.getLogger("sarft")
 
 
 def _reaper(every: float) -> None:
+    """Every process that runs jobs also watches for jobs whose worker died."""
+    from trainer.jobs import reap_stale_jobs
     from worker.jobs import reap_stale_shards
 
     def loop() -> None:
@@ -21,6 +23,8 @@ def _reaper(every: float) -> None:
             try:
                 if n := reap_stale_shards():
                     log.warning("re-queued or failed %d stale shard(s)", n)
+                if n := reap_stale_jobs():
+                    log.warning("failed %d fine-tuning job(s) whose worker stopped", n)
             except Exception:
                 log.exception("reaper failed")
             threading.Event().wait(every)
@@ -77,9 +81,11 @@ def serve(
             key = create_key(session, "default")
             typer.echo(f"first start: API key for tenant 'default' (shown once):\n{key}")
     if settings.embedded_queue:
-        from worker.jobs import recover_embedded
+        from trainer import jobs as training_jobs
+        from worker import jobs as scoring_jobs
 
-        recover_embedded()
+        scoring_jobs.recover_embedded()
+        training_jobs.recover_embedded()
         _reaper(max(1.0, settings.stale_after_s / 4))
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
@@ -88,7 +94,8 @@ def worker(
     queue: Annotated[list[str], typer.Option(help="Queue(s) to serve: scoring, training.")],
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
 ) -> None:
-    """Run an RQ worker that loads the model once and serves jobs until stopped."""
+    """Run an RQ worker until stopped: scoring loads its model once; training loads the job's
+    model per job (training changes the weights)."""
     from redis import Redis
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer

@@ -10,6 +10,7 @@ from service.core.config import get_settings
 from service.core.errors import install_error_handlers
 from service.core.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.datasets.endpoints import router as datasets_router
+from service.fine_tuning.endpoints import router as fine_tuning_router
 from service.health.endpoints import router as health_router
 from service.roles.endpoints import router as roles_router
 from service.scoring_jobs.endpoints import router as scoring_router
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """
 Upload a character (role) and its training dialogues, score them with the base
 model's implicit rewards (SaRFT's role-adaptive data selection), and download
-the flagged harmful subset. Authenticate with `Authorization: Bearer <API key>`.
+the flagged harmful subset; fine-tune with SaRFT's loss, evaluate safety and
+role fidelity, and download the report and the trained adapter. Authenticate
+with `Authorization: Bearer <API key>`.
 Errors are `{"error": {"code", "message", "param"}}`.
 """
 
@@ -28,7 +31,13 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(title="sarft", version="0.1.0", description=DESCRIPTION)
     install_error_handlers(app)
-    for router in (health_router, roles_router, datasets_router, scoring_router):
+    for router in (
+        health_router,
+        roles_router,
+        datasets_router,
+        scoring_router,
+        fine_tuning_router,
+    ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)

@@ -153,3 +153,36 @@ class JobEvent(Base):
     level: Mapped[str] = mapped_column(String(10), default="info")
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class FineTuningJob(Base):
+    """A fine-tuning run on a scored dataset: train, evaluate, report."""
+
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    scoring_job_id: Mapped[str] = mapped_column(
+        ForeignKey("scoring_jobs.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
+    # queued, loading, evaluating_base, training, evaluating_tuned, reporting, done
+    phase: Mapped[str] = mapped_column(String(30), default="queued")
+    model: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    method: Mapped[str] = mapped_column(String(20))
+    # trainer.config.TrainConfig.to_dict(): every setting that decides the outcome.
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The evaluation request as accepted (sets resolved), or null to skip evaluation.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -147,18 +147,18 @@ def test_client_roles_datasets_and_jobs(
     assert not job["compute_reference"] and job["batch_size"] == 4
     assert [q[2] for q in fake_queue.enqueued] == [(job["id"], 0)]
     assert client.get_scoring_job(job["id"])["progress"] == {"processed": 0, "total": 3}
-    cancelled = client.cancel_scoring_job(job["id"])
+    cancelled = client.cancel_job(job["id"])
     assert cancelled["status"] == "cancelled"
     events = client.list_events(job["id"])
     assert [e["message"] for e in events] == ["job created", "cancelled by the user"]
     assert [e["message"] for e in client.list_events(job["id"], limit=1)] == [
         "cancelled by the user"
     ]
-    assert client.wait_scoring_job(job["id"])["status"] == "cancelled"
+    assert client.wait_job(job["id"])["status"] == "cancelled"
 
 
 def test_client_events_paginate(client: SarftClient, tmp_path: Path) -> None:
-    from service.scoring_jobs.service import add_event
+    from service.core.events import add_event
 
     job = client.create_scoring_job(_dataset(client, tmp_path)["id"])
     with db.session_scope() as session:
@@ -176,7 +176,7 @@ def test_client_wait_and_download(
     job = client.create_scoring_job(_dataset(client, tmp_path)["id"])
     polls: list[str] = []
     monkeypatch.setattr(client_module.time, "sleep", lambda _s: _finish(job["id"], {1}))
-    final = client.wait_scoring_job(
+    final = client.wait_job(
         job["id"], poll_s=0, on_progress=lambda j: polls.append(j["status"])
     )
     assert polls == ["queued", "succeeded"] and final["progress"]["processed"] == 3

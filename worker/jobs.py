@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 
 from service.core.config import get_settings
 from service.core.db import session_scope, utcnow
+from service.core.events import add_event
+from service.core.heartbeat import Heartbeat
 from service.models import (
     Dataset,
     DatasetSample,
@@ -33,7 +35,7 @@ from service.models import (
     ScoringShard,
 )
 from service.roles.service import prompts_of
-from service.scoring_jobs.service import add_event, enqueue_shard
+from service.scoring_jobs.service import enqueue_shard
 from worker.encoding import ChatEncoder
 from worker.formats import DatasetFormat, sample_from_record
 from worker.results import RunStats, SampleScores
@@ -78,27 +80,6 @@ def _insert_ignore(session: Session) -> Any:
     return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
-class _Heartbeat(threading.Thread):
-    """Proves the shard's worker is alive while a long chunk runs."""
-
-    def __init__(self, job_id: str, shard: int, every: float) -> None:
-        super().__init__(daemon=True, name=f"heartbeat-{job_id}-{shard}")
-        self.job_id, self.shard, self.every = job_id, shard, every
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every):
-            try:
-                with session_scope() as session:
-                    session.execute(
-                        update(ScoringShard)
-                        .where(ScoringShard.job_id == self.job_id, ScoringShard.shard == self.shard)
-                        .values(heartbeat_at=utcnow())
-                    )
-            except Exception:
-                log.exception("heartbeat failed")
-
-
 def run_scoring_shard(job_id: str, shard_no: int) -> None:
     """Score one shard of a job; the entry point the queues call."""
     settings = get_settings()
@@ -127,7 +108,15 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
             worker=WORKER_NAME,
         )
         config = _config(job)
-    heartbeat = _Heartbeat(job_id, shard_no, settings.heartbeat_s)
+    heartbeat = Heartbeat(
+        f"{job_id}-{shard_no}",
+        settings.heartbeat_s,
+        lambda: (
+            update(ScoringShard)
+            .where(ScoringShard.job_id == job_id, ScoringShard.shard == shard_no)
+            .values(heartbeat_at=utcnow())
+        ),
+    )
     heartbeat.start()
     try:
         _score_shard(job_id, shard_no, config, settings.chunk_size)

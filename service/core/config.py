@@ -39,11 +39,24 @@ class Settings(BaseSettings):
     """Samples per shard; shards of one job run in parallel on several workers."""
     job_timeout_s: int = 24 * 3600
     heartbeat_s: float = 5.0
-    """How often a running shard proves its worker is alive."""
+    """How often a running shard or fine-tuning job proves its worker is alive."""
     stale_after_s: float = 120.0
-    """A running shard whose heartbeat is older than this lost its worker."""
+    """A running shard or fine-tuning job whose heartbeat is older than this lost its worker."""
     max_attempts: int = 3
     """Runs of one shard before a lost worker fails the job instead of re-queueing."""
+    eval_sets: str = ""
+    """Harmful-prompt sets fine-tuning jobs may evaluate on, ``name=path`` comma-separated,
+    e.g. ``advbench=/data/eval/harmful_behaviors.csv``: AdvBench or BeaverTails CSV, or JSONL
+    of {"prompt"}. Jobs may also send their own prompts inline."""
+    default_eval_sets: str = "advbench"
+    """Comma-separated names from ``eval_sets`` a job evaluates on when it names none (names
+    that are not configured are skipped)."""
+
+    artifacts_dir: Path | None = None
+    """Adapters, checkpoints and reports (default: ``home/artifacts``). The API serves them and
+    the trainer workers write them, so all of them must see the same directory."""
+    judge_api_key: str | None = None
+    """Bearer key for the LLM judge endpoint that fine-tuning jobs may name (never stored)."""
 
     @property
     def home_dir(self) -> Path:
@@ -58,6 +71,22 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.home_dir / "uploads"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return (self.artifacts_dir or self.home_dir / "artifacts").expanduser()
+
+    @property
+    def eval_set_paths(self) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+        for item in self.eval_sets.split(","):
+            if not item.strip():
+                continue
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"SARFT_EVAL_SETS: expected name=path, got {item.strip()!r}")
+            paths[name.strip()] = Path(path.strip()).expanduser()
+        return paths
 
     @property
     def allowed_models(self) -> set[str]:

@@ -41,6 +41,12 @@ class Conflict(APIError):
     code = "conflict"
 
 
+class Unprocessable(APIError):
+    """A well-formed body whose values do not fit together or do not fit the server."""
+
+    status_code = 422
+
+
 class PayloadTooLarge(APIError):
     status_code = 413
     code = "payload_too_large"

@@ -8,11 +8,12 @@ from sqlalchemy import select
 
 from service.core.auth import TenantDep
 from service.core.deps import SessionDep
-from service.core.errors import ERROR_RESPONSES, APIError
+from service.core.errors import ERROR_RESPONSES
+from service.core.events import EventOut, list_events
 from service.core.pagination import ListParams, ListResponse, list_params, paginate
-from service.models import JobEvent, ScoringJob
+from service.models import ScoringJob
 from service.scoring_jobs import service
-from service.scoring_jobs.schemas import EventOut, ScoringJobCreate, ScoringJobOut
+from service.scoring_jobs.schemas import ScoringJobCreate, ScoringJobOut
 
 router = APIRouter(prefix="/v1/scoring_jobs", tags=["scoring jobs"], responses=ERROR_RESPONSES)
 
@@ -50,15 +51,7 @@ def list_scoring_job_events(
 ) -> ListResponse[EventOut]:
     """The job's events, newest first (after: an event id such as evt_42)."""
     job = service.get(session, tenant, job_id)
-    after = None
-    if params.after is not None:
-        digits = params.after.removeprefix("evt_")
-        if not digits.isdigit():
-            raise APIError("after must be an event id such as evt_42", param="after")
-        after = int(digits)
-    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
-    rows, more = paginate(session, stmt, JobEvent.id, params, after)
-    return ListResponse(data=[service.event_out(e) for e in rows], has_more=more)
+    return list_events(session, job.id, params, kind="scoring_job")
 
 
 @router.post(

@@ -38,12 +38,3 @@ class ScoringJobOut(BaseModel):
     finished_at: int | None
     error: str | None
     result: dict[str, Any] | None
-
-
-class EventOut(BaseModel):
-    id: str
-    object: Literal["scoring_job.event"] = "scoring_job.event"
-    created_at: int
-    level: str
-    message: str
-    data: dict[str, Any] | None

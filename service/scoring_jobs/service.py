@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -12,26 +11,22 @@ from sqlalchemy.orm import Session
 from service.core.config import get_settings
 from service.core.db import after_commit, session_scope, utcnow
 from service.core.errors import APIError, Conflict
+from service.core.events import add_event, timestamp
 from service.core.ids import new_id
 from service.core.queue import SCORING_QUEUE, get_queue
 from service.core.scoping import get_owned
 from service.datasets import service as datasets
 from service.models import (
     DatasetSample,
-    JobEvent,
     JobStatus,
     SampleScore,
     ScoringJob,
     ScoringShard,
 )
-from service.scoring_jobs.schemas import EventOut, Progress, ScoringJobCreate, ScoringJobOut
+from service.scoring_jobs.schemas import Progress, ScoringJobCreate, ScoringJobOut
 
 RUN_SHARD = "worker.jobs.run_scoring_shard"
 PAGE = 1000
-
-
-def _ts(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
 
 
 def to_out(job: ScoringJob) -> ScoringJobOut:
@@ -47,27 +42,11 @@ def to_out(job: ScoringJob) -> ScoringJobOut:
         compute_reference=job.compute_reference,
         batch_size=job.batch_size,
         progress=Progress(processed=job.processed, total=job.total),
-        started_at=_ts(job.started_at),
-        finished_at=_ts(job.finished_at),
+        started_at=timestamp(job.started_at),
+        finished_at=timestamp(job.finished_at),
         error=job.error,
         result=job.result,
     )
-
-
-def event_out(event: JobEvent) -> EventOut:
-    return EventOut(
-        id=f"evt_{event.id}",
-        created_at=int(event.created_at.timestamp()),
-        level=event.level,
-        message=event.message,
-        data=event.data,
-    )
-
-
-def add_event(
-    session: Session, job_id: str, message: str, level: str = "info", **data: object
-) -> None:
-    session.add(JobEvent(job_id=job_id, level=level, message=message, data=data or None))
 
 
 def enqueue_shard(session: Session, job_id: str, shard: int) -> None:

@@ -51,6 +51,9 @@ def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         # The bundled model's converted copy lives here; the tests' cache is reused.
         "SARFT_HOME": str(MODEL_HOME),
         "HF_HUB_OFFLINE": "1",
+        # Fine-tuning jobs evaluate on AdvBench by name, as a deployment would configure it.
+        "SARFT_EVAL_SETS": f"advbench={SHARED_DATA / 'advbench' / 'harmful_behaviors.csv'}",
+        "SARFT_ARTIFACTS_DIR": str(tmp_path_factory.mktemp("artifacts")),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from service.core.auth import TenantDep
+from service.core.deps import SessionDep
+from service.core.errors import ERROR_RESPONSES
+from service.core.events import EventOut, list_events
+from service.core.pagination import ListParams, ListResponse, list_params, paginate
+from service.fine_tuning import service
+from service.fine_tuning.schemas import FineTuningJobCreate, FineTuningJobOut
+from service.models import FineTuningJob
+
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"], responses=ERROR_RESPONSES
+)
+NOT_READY: dict[int | str, dict[str, Any]] = {409: {"description": "The job has not succeeded"}}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FineTuningJobOut,
+    responses={409: {"description": "The scoring job has not succeeded"}},
+)
+def create_fine_tuning_job(
+    body: FineTuningJobCreate, session: SessionDep, tenant: TenantDep
+) -> FineTuningJobOut:
+    """Fine-tune the scoring job's model on the dataset with the SaRFT loss, then evaluate."""
+    return service.to_out(service.create(session, tenant, body))
+
+
+@router.get("", response_model=ListResponse[FineTuningJobOut])
+def list_fine_tuning_jobs(
+    session: SessionDep, tenant: TenantDep, params: Annotated[ListParams, Depends(list_params)]
+) -> ListResponse[FineTuningJobOut]:
+    """List the tenant's fine-tuning jobs, newest first."""
+    stmt = select(FineTuningJob).where(FineTuningJob.tenant_id == tenant)
+    rows, more = paginate(session, stmt, FineTuningJob.id, params, params.after)
+    return ListResponse(data=[service.to_out(r) for r in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJobOut)
+def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJobOut:
+    """Status, phase, progress in optimizer steps and, once succeeded, the evaluation."""
+    return service.to_out(service.get(session, tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[EventOut])
+def list_fine_tuning_job_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    params: Annotated[ListParams, Depends(list_params)],
+) -> ListResponse[EventOut]:
+    """The job's events (one per optimizer step with its loss, CE, KL), newest first."""
+    job = service.get(session, tenant, job_id)
+    return list_events(session, job.id, params, kind="fine_tuning.job")
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=FineTuningJobOut,
+    responses={409: {"description": "Finished"}},
+)
+def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJobOut:
+    """Cancel a queued or running job; a running one stops before its next step or batch."""
+    return service.to_out(service.cancel(session, tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/adapter",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/gzip": {}}}, **NOT_READY},
+)
+def download_adapter(job_id: str, session: SessionDep, tenant: TenantDep) -> FileResponse:
+    """The trained LoRA adapter (PEFT format) as .tar.gz; full fine-tuning: the checkpoint."""
+    job = service.get(session, tenant, job_id)
+    name = service.archive_name(job.hyperparameters)
+    return FileResponse(
+        service.artifact(job, name),
+        media_type="application/gzip",
+        filename=f"{job.id}-{name}",
+    )
+
+
+@router.get(
+    "/{job_id}/report",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/json": {}, "text/html": {}}}, **NOT_READY},
+)
+def download_report(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    format: Annotated[Literal["json", "html"], Query(description="json or html")] = "json",
+) -> FileResponse:
+    """The evaluation report: scores, training curves, refusal rates and ROUGE-L before/after."""
+    job = service.get(session, tenant, job_id)
+    return FileResponse(
+        service.artifact(job, service.REPORT_FILES[format]),
+        media_type="application/json" if format == "json" else "text/html; charset=utf-8",
+        filename=f"{job.id}-report.{format}",
+    )
