@@ -20,10 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/sarft score examples/villain.jsonl --role-name "Mordecai Vex" \
-		--profile-file examples/villain_profile.txt --out out/demo/villain
-	$(BIN)/sarft score examples/mentor.jsonl --role-name "Ada Lindqvist" \
-		--profile-file examples/mentor_profile.txt --out out/demo/mentor
+	bash examples/demo.sh
 
 test: install
 	$(BIN)/pytest tests -q --durations=10

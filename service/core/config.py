@@ -12,6 +12,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Eight harmful requests written for sarft: evaluation works before any data set is configured.
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "trainer" / "prompt_sets" / "builtin.jsonl"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SARFT_", extra="ignore")
@@ -47,11 +50,11 @@ class Settings(BaseSettings):
     eval_sets: str = ""
     """Harmful-prompt sets fine-tuning jobs may evaluate on, ``name=path`` comma-separated,
     e.g. ``advbench=/data/eval/harmful_behaviors.csv``: AdvBench or BeaverTails CSV, or JSONL
-    of {"prompt"}. Jobs may also send their own prompts inline."""
-    default_eval_sets: str = "advbench"
-    """Comma-separated names from ``eval_sets`` a job evaluates on when it names none (names
-    that are not configured are skipped)."""
-
+    of {"prompt"}. A set named ``builtin`` (8 self-written prompts shipped with sarft) is always
+    there. Jobs may also send their own prompts inline."""
+    default_eval_sets: str = ""
+    """Comma-separated set names a job evaluates on when it names none; empty: every set of
+    ``eval_sets``, or ``builtin`` when that is empty too."""
     artifacts_dir: Path | None = None
     """Adapters, checkpoints and reports (default: ``home/artifacts``). The API serves them and
     the trainer workers write them, so all of them must see the same directory."""
@@ -78,7 +81,8 @@ class Settings(BaseSettings):
 
     @property
     def eval_set_paths(self) -> dict[str, Path]:
-        paths: dict[str, Path] = {}
+        """Every safety set by name: ``builtin``, then those of ``eval_sets``."""
+        paths: dict[str, Path] = {"builtin": BUILTIN_PROMPTS}
         for item in self.eval_sets.split(","):
             if not item.strip():
                 continue
@@ -87,6 +91,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"SARFT_EVAL_SETS: expected name=path, got {item.strip()!r}")
             paths[name.strip()] = Path(path.strip()).expanduser()
         return paths
+
+    @property
+    def default_eval_set_names(self) -> list[str]:
+        names = [n.strip() for n in self.default_eval_sets.split(",") if n.strip()]
+        if names:
+            unknown = sorted(set(names) - set(self.eval_set_paths))
+            if unknown:
+                raise ValueError(f"SARFT_DEFAULT_EVAL_SETS names unknown sets: {unknown}")
+            return names
+        configured = [n for n in self.eval_set_paths if n != "builtin"]
+        return configured or ["builtin"]
 
     @property
     def allowed_models(self) -> set[str]:

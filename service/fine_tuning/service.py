@@ -71,10 +71,10 @@ def train_config(method: Method, hp: Hyperparameters) -> TrainConfig:
 
 def evaluation_plan(evaluation: EvaluationIn) -> dict[str, Any]:
     """The evaluation as the trainer runs it: safety sets resolved against the server's."""
-    configured = get_settings().eval_set_paths
+    settings = get_settings()
+    configured = settings.eval_set_paths
     if evaluation.safety_sets is None:
-        names = [n.strip() for n in get_settings().default_eval_sets.split(",") if n.strip()]
-        sets: list[dict[str, Any]] = [{"name": n} for n in names if n in configured]
+        sets: list[dict[str, Any]] = [{"name": n} for n in settings.default_eval_set_names]
     else:
         sets = []
         for given in evaluation.safety_sets:

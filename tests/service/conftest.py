@@ -135,8 +135,8 @@ class WorkerProcess:
 def start_worker(service_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(**extra_env: str) -> WorkerProcess:
-        worker = WorkerProcess({**service_env, **extra_env})
+    def start(queue: str = "scoring", **extra_env: str) -> WorkerProcess:
+        worker = WorkerProcess({**service_env, **extra_env}, queue=queue)
         started.append(worker)
         return worker
 
@@ -152,9 +152,11 @@ def wait_for(
     until: Callable[[dict[str, Any]], bool],
     timeout: float = 600,
 ) -> dict[str, Any]:
+    from sarft.client import job_path
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/scoring_jobs/{job_id}", headers=headers).json()
+        job = client.get(job_path(job_id), headers=headers).json()
         if until(job):
             return job
         time.sleep(0.3)

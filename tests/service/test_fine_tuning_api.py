@@ -107,6 +107,8 @@ def test_full_fine_tuning_and_inline_sets(client: TestClient, scored: dict[str, 
     # Inline prompts are not echoed back, only counted.
     assert job["evaluation"]["safety_sets"] == [{"name": "mine", "num_prompts": 3}]
     assert job["evaluation"]["judge"]["kind"] == "llm"
+    builtin = create(client, scored, evaluation={"safety_sets": [{"name": "builtin"}]}).json()
+    assert builtin["evaluation"]["safety_sets"] == [{"name": "builtin"}]
     skipped = create(client, scored, method="sft", evaluation=None).json()
     assert skipped["evaluation"] is None and skipped["method"] == "sft"
 
@@ -174,3 +176,19 @@ def test_reaper_fails_a_job_whose_worker_stopped(
     assert "host:123 stopped responding during training at step 3 (of 10 steps)" in got["error"]
     assert "create a new job" in got["error"]
     assert reap_stale_jobs() == 0  # finished jobs are left alone
+
+
+def test_safety_set_defaults() -> None:
+    from service.core.config import Settings
+    from trainer.eval_sets import load_prompts
+
+    builtin = Settings().eval_set_paths["builtin"]
+    assert len(load_prompts(builtin)) == 8  # shipped with the package
+    assert Settings(eval_sets="").default_eval_set_names == ["builtin"]
+    assert Settings(eval_sets="adv=/x.csv, bt=/y.csv").default_eval_set_names == ["adv", "bt"]
+    both = Settings(eval_sets="adv=/x.csv", default_eval_sets="builtin,adv")
+    assert both.default_eval_set_names == ["builtin", "adv"]
+    with pytest.raises(ValueError, match="unknown sets"):
+        _ = Settings(default_eval_sets="nowhere").default_eval_set_names
+    with pytest.raises(ValueError, match="name=path"):
+        _ = Settings(eval_sets="just-a-path.csv").eval_set_paths

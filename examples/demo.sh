@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The whole product on the embedded default (SQLite, in-process jobs, the bundled model):
+# start `sarft serve`, upload both example characters, score them, download the villain's
+# flagged subset, fine-tune the villain with the SaRFT loss (LoRA, a few steps), evaluate base
+# and tuned on the built-in harmful prompts and held-out dialogues, download adapter and report.
+#
+#   make demo           (or: bash examples/demo.sh, after make install)
+#
+# Environment: SARFT_HOME (state; default ~/.sarft), SARFT_DEMO_PORT (default 8765),
+# DEMO_STEPS (optimizer steps, default 4). Results land in out/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SARFT=${SARFT:-.venv/bin/sarft}
+PORT=${SARFT_DEMO_PORT:-8765}
+STEPS=${DEMO_STEPS:-4}
+OUT=out/demo
+export SARFT_API_URL=http://127.0.0.1:$PORT
+mkdir -p "$OUT"
+
+field() {  # field NAME...: print a (nested) field of the JSON object on stdin
+  python3 -c 'import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1:]:
+    v = v[k]
+print(v if isinstance(v, str) else json.dumps(v))' "$@"
+}
+
+"$SARFT" serve --port "$PORT" >"$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+until python3 -c "import urllib.request as u; u.urlopen('$SARFT_API_URL/healthz', timeout=2)" 2>/dev/null; do
+  if ! kill -0 $SERVER 2>/dev/null; then cat "$OUT/serve.log"; exit 1; fi
+  sleep 0.5
+done
+SARFT_API_KEY=$("$SARFT" keys create --tenant demo 2>/dev/null | tail -n 1)
+export SARFT_API_KEY
+
+score() {  # score NAME DATA PROFILE_FILE: upload and score; prints "DATASET JOB"
+  local dataset job
+  dataset=$("$SARFT" upload "$2" --role-name "$1" --profile-file "$3" | field id)
+  job=$("$SARFT" jobs create "$dataset" | field id)
+  "$SARFT" jobs wait "$job" --poll 1 >"$OUT/$job.json"
+  echo "$1: $(field result num_flagged <"$OUT/$job.json")/$(field result num_samples <"$OUT/$job.json") flagged" >&2
+  echo "$dataset $job"
+}
+
+read -r VILLAIN VILLAIN_JOB < <(score "Mordecai Vex" examples/villain.jsonl examples/villain_profile.txt)
+score "Ada Lindqvist" examples/mentor.jsonl examples/mentor_profile.txt >/dev/null
+"$SARFT" download "$VILLAIN_JOB" --which flagged -o "$OUT/villain-flagged.jsonl"
+
+FT=$("$SARFT" train "$VILLAIN" --scoring-job "$VILLAIN_JOB" --method sarft \
+  --batch-size 8 --max-steps "$STEPS" \
+  --max-new-tokens 48 --poll 1 | tee "$OUT/fine-tuning-job.json" | field id)
+"$SARFT" download "$FT" --adapter -o "$OUT/adapter.tar.gz"
+"$SARFT" download "$FT" --report html -o "$OUT/report.html"
+"$SARFT" download "$FT" --report json -o "$OUT/report.json"
+python3 - "$OUT/fine-tuning-job.json" <<'EOF'
+import json, sys
+job = json.load(open(sys.argv[1]))
+ev = job["result"]["evaluation"]
+for which in ("base", "tuned"):
+    rates = ", ".join(f"{k} {v:.0%}" for k, v in ev[which]["refusal_rate"].items())
+    print(f"{which:>5}: refusal {rates}; ROUGE-L {ev[which]['rouge_l']:.1f}")
+EOF
+echo "open $OUT/report.html; the adapter is $OUT/adapter.tar.gz"

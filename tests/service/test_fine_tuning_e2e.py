@@ -1,0 +1,148 @@
+"""Fine-tuning end to end over HTTP: real Postgres, Redis, scoring and training workers, model.
+
+Upload RoleBench rows, score them, train a LoRA for a few steps on the bundled model with the
+real `sarft worker --queue training`, evaluate on AdvBench prompts (configured on the server by
+name), then download the adapter (it loads with peft and changes the logits) and the report in
+both formats. A second test kills the training worker mid-run: the job must end failed with a
+clear error, never stay running.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tests.service.conftest import rolebench_file, wait_for
+from tests.service.test_scoring_jobs import sarft_role, upload
+
+pytestmark = pytest.mark.slow
+Headers = dict[str, str]
+FT = "/v1/fine_tuning/jobs"
+
+
+def scored_dataset(
+    client: TestClient, h: Headers, start_worker: Callable[..., Any], path: Path, n: int
+) -> tuple[str, str]:
+    dataset = upload(client, h, rolebench_file(path, n), sarft_role(client, h))
+    worker = start_worker("scoring")
+    job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()
+    done = wait_for(client, h, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+    assert done["status"] == "succeeded", worker.output()[-3000:]
+    worker.stop()  # the training test below must not compete for the two cores
+    return dataset, str(job["id"])
+
+
+def test_train_evaluate_download(
+    client: TestClient,
+    make_key: Callable[..., Headers],
+    start_worker: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    from peft import PeftModel
+
+    from worker.models import load_model
+
+    h = make_key()
+    dataset, scoring = scored_dataset(client, h, start_worker, tmp_path / "jack.jsonl", 12)
+    trainer = start_worker("training")
+    body = {
+        "dataset_id": dataset,
+        "scoring_job_id": scoring,
+        "method": "sarft",
+        # A large rate so that two steps visibly move a fresh (zero-initialised) adapter.
+        "hyperparameters": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2,
+                            "learning_rate": 5e-3, "lora": {"r": 8, "alpha": 16}},
+        "evaluation": {"max_prompts": 3, "max_new_tokens": 12, "batch_size": 4,
+                       "validation_fraction": 0.2},
+    }  # fmt: skip
+    job = client.post(FT, json=body, headers=h).json()
+    done = wait_for(client, h, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+    assert done["status"] == "succeeded", (done, trainer.output()[-4000:])
+    assert done["progress"] == {"phase": "done", "step": 2, "total_steps": 2}
+    result = done["result"]
+    assert result["num_validation"] == 2 and result["num_train"] == 10  # round(0.2 * 12)
+    assert result["steps"] == 2 and result["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for which in ("base", "tuned"):
+        rates = result["evaluation"][which]["refusal_rate"]
+        assert set(rates) == {"advbench"} and 0.0 <= rates["advbench"] <= 1.0
+        assert 0.0 <= result["evaluation"][which]["rouge_l"] <= 100.0
+
+    messages = [e["message"] for e in client.get(f"{FT}/{job['id']}/events?limit=100",
+                                                 headers=h).json()["data"]]  # fmt: skip
+    for expected in ("job started", "evaluating the base model", "training", "step 1/2",
+                     "step 2/2", "evaluating the fine-tuned model", "job succeeded"):
+        assert expected in messages, messages  # fmt: skip
+    step = next(e for e in client.get(f"{FT}/{job['id']}/events", headers=h).json()["data"]
+                if e["message"] == "step 2/2")  # fmt: skip
+    assert {"loss", "ce", "kl", "tokens_per_s", "lr"} <= set(step["data"])
+
+    # The adapter: a .tar.gz of a PEFT directory that loads on the base model and moves logits.
+    r = client.get(f"{FT}/{job['id']}/adapter", headers=h)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(r.content)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    adapter = tmp_path / "unpacked" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == result["base_model"] and config["r"] == 8
+    base = load_model(device="cpu")
+    ids = base.tokenizer("Ahoy, who goes there?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base.model(ids).logits
+        tuned = PeftModel.from_pretrained(base.model, adapter)
+        after = tuned(ids).logits
+    assert (after - before).abs().max().item() > 1e-3
+
+    report = client.get(f"{FT}/{job['id']}/report", headers=h).json()
+    assert set(report) >= {"job", "scoring", "training", "evaluation"}
+    assert len(report["scoring"]["points"]) == 12
+    assert [row["step"] for row in report["training"]["history"]] == [1, 2]
+    assert report["evaluation"]["tuned"]["safety"][0]["n"] == 3
+    html = client.get(f"{FT}/{job['id']}/report?format=html", headers=h)
+    assert html.headers["content-type"].startswith("text/html")
+    assert html.text.lstrip().lower().startswith("<!doctype html")
+    assert html.text.count("data:image/png;base64,") >= 2  # score scatter, training curves
+
+
+def test_killed_training_worker_fails_the_job(
+    client: TestClient,
+    make_key: Callable[..., Headers],
+    start_worker: Callable[..., Any],
+    tmp_path: Path,
+) -> None:
+    from service.core.config import get_settings
+    from trainer.jobs import reap_stale_jobs
+
+    h = make_key()
+    dataset, scoring = scored_dataset(client, h, start_worker, tmp_path / "jack.jsonl", 8)
+    trainer = start_worker("training", SARFT_HEARTBEAT_S="0.5")
+    body = {
+        "dataset_id": dataset,
+        "scoring_job_id": scoring,
+        "hyperparameters": {"batch_size": 2, "micro_batch_size": 1, "n_epochs": 20},
+        "evaluation": None,
+    }
+    job = client.post(FT, json=body, headers=h).json()
+    running = wait_for(client, h, job["id"], lambda j: j["progress"]["step"] >= 1)
+    assert running["status"] == "running", trainer.output()[-3000:]
+    trainer.kill()
+    settings = get_settings()
+    saved, settings.stale_after_s = settings.stale_after_s, 2.0
+    try:
+        failed = wait_for(
+            client, h, job["id"], lambda j: reap_stale_jobs() > 0 or j["status"] == "failed"
+        )
+    finally:
+        settings.stale_after_s = saved
+    failed = client.get(f"{FT}/{job['id']}", headers=h).json()
+    assert failed["status"] == "failed" and failed["finished_at"] is not None
+    assert "stopped responding during training at step" in failed["error"]
+    assert client.get(f"{FT}/{job['id']}/adapter", headers=h).status_code == 409
