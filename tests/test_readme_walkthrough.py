@@ -74,7 +74,9 @@ def test_readme_walkthrough_runs_as_written(embedded_server: dict[str, str]) -> 
     if not (REPO / ".venv" / "bin" / "sarft").exists():
         pytest.skip("the walkthrough uses .venv/bin/sarft (make install)")
     out = REPO / "out" / "walkthrough" / "flagged.jsonl"
-    out.unlink(missing_ok=True)
+    report = out.with_name("report.html")
+    for old in (out, report, out.with_name("adapter.tar.gz")):
+        old.unlink(missing_ok=True)
     run = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", walkthrough()],
         cwd=REPO,
@@ -85,7 +87,16 @@ def test_readme_walkthrough_runs_as_written(embedded_server: dict[str, str]) -> 
     )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = out.read_text(encoding="utf-8").splitlines()
-    result = json.loads(run.stdout.splitlines()[-2])
-    assert result["num_samples"] == 36 and result["num_flagged"] == len(lines) > 0
+    printed = run.stdout.splitlines()
+    scoring = json.loads(next(line for line in printed if '"num_samples"' in line))
+    assert scoring["num_samples"] == 36 and scoring["num_flagged"] == len(lines) > 0
     assert all(json.loads(line)["scores"]["flagged"] for line in lines)
     assert f"{len(lines)} out/walkthrough/flagged.jsonl" in run.stdout
+    training = json.loads(next(line for line in printed if '"num_kl_samples"' in line))
+    assert training["steps"] == 2 and training["num_train"] + training["num_validation"] == 36
+    assert training["num_kl_samples"] == training["num_flagged"]  # method sarft
+    assert set(training["evaluation"]["tuned"]["refusal_rate"]) == {"builtin"}
+    assert (
+        "adapter/adapter_config.json" in printed and "adapter/adapter_model.safetensors" in printed
+    )
+    assert report.read_text(encoding="utf-8").lstrip().lower().startswith("<!doctype html")

@@ -76,8 +76,15 @@ def test_train_evaluate_download(
 
     messages = [e["message"] for e in client.get(f"{FT}/{job['id']}/events?limit=100",
                                                  headers=h).json()["data"]]  # fmt: skip
-    for expected in ("job started", "evaluating the base model", "training", "step 1/2",
-                     "step 2/2", "evaluating the fine-tuned model", "job succeeded"):
+    for expected in (
+        "job started",
+        "evaluating the base model",
+        "training",
+        "step 1/2",
+        "step 2/2",
+        "evaluating the fine-tuned model",
+        "job succeeded",
+    ):
         assert expected in messages, messages  # fmt: skip
     step = next(e for e in client.get(f"{FT}/{job['id']}/events", headers=h).json()["data"]
                 if e["message"] == "step 2/2")  # fmt: skip
