@@ -102,11 +102,13 @@ def run_fine_tuning_job(job_id: str) -> None:
             result = _run(_load_spec(job_id))
     except JobCancelled:
         log.info("fine-tuning job %s cancelled", job_id)
+        shutil.rmtree(artifact_dir(job_id), ignore_errors=True)  # partial files serve nobody
         return
     except Exception as exc:
         log.exception("fine-tuning job %s failed", job_id)
         with session_scope() as session:
             fail(session, job_id, f"{type(exc).__name__}: {exc}")
+        shutil.rmtree(artifact_dir(job_id), ignore_errors=True)
         raise
     finally:
         gc.collect()

@@ -19,29 +19,49 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.service.conftest import rolebench_file, wait_for
-from tests.service.test_scoring_jobs import sarft_role, upload
+from tests.service.conftest import WorkerProcess, rolebench_file, wait_for
 
 pytestmark = pytest.mark.slow
 Headers = dict[str, str]
 FT = "/v1/fine_tuning/jobs"
+# A short profile keeps prompts short: this test is about the plumbing, not the prompts.
+PROFILE = "Captain Jack Sparrow, a witty, unpredictable pirate of the Caribbean."
 
 
-def scored_dataset(
-    client: TestClient, h: Headers, start_worker: Callable[..., Any], path: Path, n: int
-) -> tuple[str, str]:
-    dataset = upload(client, h, rolebench_file(path, n), sarft_role(client, h))
-    worker = start_worker("scoring")
-    job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()
-    done = wait_for(client, h, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
-    assert done["status"] == "succeeded", worker.output()[-3000:]
-    worker.stop()  # the training test below must not compete for the two cores
-    return dataset, str(job["id"])
+@pytest.fixture(scope="module")
+def scored(
+    client: TestClient, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """12 Jack Sparrow rows under a short profile, scored by a real worker (then stopped,
+    so that training does not compete with it for the two cores)."""
+    from service.core.auth import create_key
+    from service.core.db import session_scope
+
+    with session_scope() as session:
+        h = {"Authorization": f"Bearer {create_key(session, 'fine-tuning-e2e')}"}
+    path = rolebench_file(tmp_path_factory.mktemp("ft") / "jack.jsonl", 12)
+    with path.open("rb") as f:
+        r = client.post(
+            "/v1/datasets",
+            files={"file": (path.name, f)},
+            data={"role_name": "Jack Sparrow", "role_profile": PROFILE},
+            headers=h,
+        )
+    assert r.status_code == 201, r.text
+    dataset = r.json()["id"]
+    worker = WorkerProcess(service_env, queue="scoring")
+    try:
+        job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()
+        done = wait_for(client, h, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
+        assert done["status"] == "succeeded", worker.output()[-3000:]
+    finally:
+        worker.stop()
+    return {"h": h, "dataset": dataset, "scoring": job["id"]}
 
 
 def test_train_evaluate_download(
     client: TestClient,
-    make_key: Callable[..., Headers],
+    scored: dict[str, Any],
     start_worker: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
@@ -49,12 +69,11 @@ def test_train_evaluate_download(
 
     from worker.models import load_model
 
-    h = make_key()
-    dataset, scoring = scored_dataset(client, h, start_worker, tmp_path / "jack.jsonl", 12)
+    h = scored["h"]
     trainer = start_worker("training")
     body = {
-        "dataset_id": dataset,
-        "scoring_job_id": scoring,
+        "dataset_id": scored["dataset"],
+        "scoring_job_id": scored["scoring"],
         "method": "sarft",
         # A large rate so that two steps visibly move a fresh (zero-initialised) adapter.
         "hyperparameters": {"batch_size": 4, "micro_batch_size": 2, "max_steps": 2,
@@ -120,20 +139,16 @@ def test_train_evaluate_download(
 
 
 def test_killed_training_worker_fails_the_job(
-    client: TestClient,
-    make_key: Callable[..., Headers],
-    start_worker: Callable[..., Any],
-    tmp_path: Path,
+    client: TestClient, scored: dict[str, Any], start_worker: Callable[..., Any]
 ) -> None:
     from service.core.config import get_settings
     from trainer.jobs import reap_stale_jobs
 
-    h = make_key()
-    dataset, scoring = scored_dataset(client, h, start_worker, tmp_path / "jack.jsonl", 8)
+    h = scored["h"]
     trainer = start_worker("training", SARFT_HEARTBEAT_S="0.5")
     body = {
-        "dataset_id": dataset,
-        "scoring_job_id": scoring,
+        "dataset_id": scored["dataset"],
+        "scoring_job_id": scored["scoring"],
         "hyperparameters": {"batch_size": 2, "micro_batch_size": 1, "n_epochs": 20},
         "evaluation": None,
     }
@@ -144,9 +159,8 @@ def test_killed_training_worker_fails_the_job(
     settings = get_settings()
     saved, settings.stale_after_s = settings.stale_after_s, 2.0
     try:
-        failed = wait_for(
-            client, h, job["id"], lambda j: reap_stale_jobs() > 0 or j["status"] == "failed"
-        )
+        # This process plays the reaper that every other worker and the API run.
+        wait_for(client, h, job["id"], lambda _: reap_stale_jobs() > 0, timeout=60)
     finally:
         settings.stale_after_s = saved
     failed = client.get(f"{FT}/{job['id']}", headers=h).json()
