@@ -47,6 +47,15 @@ class Batch:
     kl_flags: torch.Tensor
     """[B] float 0/1: rows the KL term applies to."""
 
+    def rows(self, index: torch.Tensor) -> Batch:
+        """The rows ``index`` (same width, so positions line up with the whole batch's)."""
+        return Batch(
+            self.input_ids[index],
+            self.labels[index],
+            self.attention_mask[index],
+            self.kl_flags[index],
+        )
+
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
             self.input_ids.to(device),

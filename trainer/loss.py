@@ -76,13 +76,17 @@ def response_ce(
 def token_kl(
     policy_logits: torch.Tensor, ref_logits: torch.Tensor, direction: KLDirection
 ) -> torch.Tensor:
-    """[N] full-vocabulary KL per row of [N, V] logits, computed in float32 (or float64)."""
+    """[N] full-vocabulary KL per row of [N, V] logits, computed in float32 (or float64).
+
+    ``kl_div`` with log targets computes ``sum_v exp(t) * (t - x)`` in one pass, without the
+    [N, V] temporaries of spelling it out (the vocabulary makes these the largest tensors).
+    """
     policy_lp = torch.log_softmax(_at_least_fp32(policy_logits), dim=-1)
     ref_lp = torch.log_softmax(_at_least_fp32(ref_logits), dim=-1)
     if direction == "ref_policy":  # KL(ref || policy) = sum_v p_ref (log p_ref - log p_policy)
-        return (ref_lp.exp() * (ref_lp - policy_lp)).sum(-1)
+        return F.kl_div(policy_lp, ref_lp, reduction="none", log_target=True).sum(-1)
     if direction == "policy_ref":  # KL(policy || ref) = sum_v p_policy (log p_policy - log p_ref)
-        return (policy_lp.exp() * (policy_lp - ref_lp)).sum(-1)
+        return F.kl_div(ref_lp, policy_lp, reduction="none", log_target=True).sum(-1)
     raise ValueError(f"unknown KL direction {direction!r}")
 
 
@@ -91,11 +95,17 @@ def per_sample_kl(
     ref_logits: torch.Tensor,
     mask: torch.Tensor,
     direction: KLDirection = "ref_policy",
+    ref_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B]: per-token KL averaged over each sample's ``mask`` positions (0 for an empty mask)."""
+    """[B]: per-token KL averaged over each sample's ``mask`` positions (0 for an empty mask).
+
+    ``ref_logits`` holds every row of ``policy_logits``, or only the rows ``ref_rows`` (a
+    sorted index; ``mask`` must be False on every other row).
+    """
     mask = mask.bool()
     rows = mask.nonzero(as_tuple=True)[0]
-    per_token = token_kl(policy_logits[mask], ref_logits[mask], direction)
+    ref_mask = mask if ref_rows is None else mask[ref_rows]
+    per_token = token_kl(policy_logits[mask], ref_logits[ref_mask], direction)
     sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)
     return sums / mask.sum(dim=1).clamp_min(1).to(sums.dtype)
@@ -116,9 +126,10 @@ def sarft_loss(
 ) -> LossParts:
     """``CE + lam * mean_b(flag_b * KL_b)``.
 
-    ``ref_logits`` may be None when ``lam == 0`` or no row is flagged: the KL is then 0 and no
-    reference forward is needed. ``num_response_tokens`` and ``num_rows`` override this batch's
-    counts as the CE and KL denominators (see :func:`response_ce`).
+    ``ref_logits`` holds every row, or only the flagged rows (in order): the reference forward
+    need not run on the others. It may be None when ``lam == 0`` or no row is flagged: the KL is
+    then 0 and no reference forward is needed. ``num_response_tokens`` and ``num_rows`` override
+    this batch's counts as the CE and KL denominators (see :func:`response_ce`).
     """
     ce = response_ce(policy_logits, labels, num_response_tokens)
     rows = labels.shape[0] if num_rows is None else num_rows
@@ -129,6 +140,7 @@ def sarft_loss(
         if ref_logits is None:
             raise ValueError("flagged rows with lam > 0 need reference logits")
         mask = kl_positions_mask(labels, attention_mask, positions) & flagged[:, None]
-        kl_rows = per_sample_kl(policy_logits, ref_logits, mask, direction)
+        ref_rows = None if ref_logits.shape[0] == labels.shape[0] else flagged.nonzero()[:, 0]
+        kl_rows = per_sample_kl(policy_logits, ref_logits, mask, direction, ref_rows)
         kl = (flags.to(kl_rows.dtype) * kl_rows).sum() / max(rows, 1)
     return LossParts(total=ce + lam * kl, ce=ce, kl=kl)

@@ -156,7 +156,13 @@ def _micro_batch_loss(
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, torch.bfloat16, enabled=config.dtype == "bfloat16"):
         policy_logits = _logits(policy, batch, keep)
-        ref_logits = reference(batch, keep) if needs_kl else None
+        ref_logits = None
+        if needs_kl:
+            # Only the KL rows need the reference: an unflagged row's reference forward (and
+            # its logits over the whole vocabulary) would be computed for nothing.
+            flagged = batch.kl_flags.bool()
+            ref_batch = batch if bool(flagged.all()) else batch.rows(flagged.nonzero()[:, 0])
+            ref_logits = reference(ref_batch, keep)
     return sarft_loss(
         policy_logits,
         ref_logits,

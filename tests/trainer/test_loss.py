@@ -133,6 +133,17 @@ def test_sarft_loss_combines_ce_and_flagged_kl() -> None:
     assert parts.total.item() == pytest.approx(parts.ce.item() + 0.5 * want_kl, abs=1e-9)
 
 
+def test_reference_logits_of_the_flagged_rows_only() -> None:
+    # The trainer runs the reference forward on the flagged rows alone.
+    policy, ref, labels, attention = crafted_batch()
+    flags = torch.tensor([1.0, 0.0, 1.0])
+    for direction in ("ref_policy", "policy_ref"):
+        whole = sarft_loss(policy, ref, labels, attention, flags, 0.5, direction, "all")
+        flagged = sarft_loss(policy, ref[[0, 2]], labels, attention, flags, 0.5, direction, "all")
+        assert flagged.kl.item() == pytest.approx(whole.kl.item(), abs=1e-12)
+        assert flagged.kl.item() > 0
+
+
 def test_kl_is_zero_when_policy_equals_reference() -> None:
     policy, _, labels, attention = crafted_batch()
     flags = torch.ones(B)
