@@ -39,6 +39,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/scoring.py --samples 48 --json bench/results/scoring.json
+	$(BIN)/python bench/training.py --json bench/results/training.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache
