@@ -194,6 +194,10 @@ def _optimizer_step(
     # effective batch's mean whatever micro_batch_size is.
     step_tokens = sum(e.num_response_tokens for e in examples)
     totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+    # KL rows first, so micro-batches are (nearly) all KL or all not: a micro-batch without a
+    # KL row needs neither the reference forward nor logits over the prompt. The step's
+    # gradient is a sum over its micro-batches, so their make-up does not change it.
+    examples = sorted(examples, key=lambda e: not e.kl_flag)
     for i in range(0, len(examples), config.micro_batch_size):
         batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
         parts = _micro_batch_loss(
