@@ -1,0 +1,399 @@
+"""Benchmark: the cost of safety, one `sarft` optimizer step against one `sft` step.
+
+    python bench/training.py [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
+        [--dtype float32|bfloat16] [--modes lora,full] [--kl-positions all|response] \
+        [--grouped] [--threads N] [--json bench/results/training.json]
+
+Both methods train the bundled SmolLM2-135M-Instruct on the same batch: the first
+--batch-size RoleBench rows of --role (default "John Doe", the Se7en killer) encoded under
+SaRFT's role prompt, exactly as `trainer.train` encodes them. The RDS flags are fixed rather
+than scored: every other sample (indices 0, 2, 4, ...) is flagged, so half of the batch
+carries the KL anchor and, as a shuffled batch usually does, every micro-batch holds
+flagged rows. `sft` ignores the flags, as `select_kl_subset` does. --grouped adds a third
+variant, "sarft grouped": the same flagged samples, with the batch ordered flagged-first so
+that each micro-batch is either all flagged or not flagged at all (trainer.train does not do
+this; it shows what such an ordering would save).
+
+What is timed: whole optimizer steps through `trainer.train._optimizer_step` (every
+micro-batch's forward, the reference forward for `sarft`, the loss, backward, gradient
+clipping, AdamW), set up by `trainer.train._prepare` as `train()` does (LoRA: a PeftModel
+whose reference is the base with the adapter disabled; full: a frozen deep copy as the
+reference, which `_prepare` makes for `sft` too). Each mode runs in a fresh process that
+prepares the model once; the variants then take turns on it, one warm-up step each (it
+allocates AdamW's state) and --reps timed steps each, the order rotating every round, so a
+change in the machine's load (it is shared) hits every variant alike. The median is
+reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
+--threads, other processes held the cores and the times are not this machine's best. Under
+such contention several torch threads wait for each other at every operation, which slows
+many small operations (the KL term) more than large matmuls and inflates the ratio; there
+--threads 1 gives the fairer ratio.
+
+Peak memory, per step, above the loaded model (weights paged in): on CUDA,
+`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. On CPU torch keeps no
+allocator counters, so the kernel's own high-water mark is used: before each step the C
+heap is trimmed (`malloc_trim`, so that memory freed by an earlier step is not still
+resident) and the process's peak RSS is reset by writing 5 to /proc/self/clear_refs; after
+the step, VmHWM is read. Unlike a sampling thread this misses no short spike. A variant's
+figure is the largest over its timed steps; it covers the LoRA weights or the reference
+copy, AdamW's state, gradients, activations and logits.
+
+FLOP utilisation counts only the work a method needs, in the style of bench/scoring.py,
+with N = transformer-block parameters (all but the tied embedding), V x H the LM head,
+T = real (unpadded) tokens and P = positions whose logits the loss needs:
+
+* body: forward 2 N T; backward 4 N T in full fine-tuning (activation and weight
+  gradients), 2 N T with LoRA (activation gradients only; the adapters' own are negligible).
+* LM head: the same multipliers (6 full, 4 LoRA) times V H P, where P is every response
+  position for CE, plus every position of the flagged rows when the KL covers all
+  positions (--kl-positions all, the default and the authors' choice).
+* `sarft` reference: forward only, 2 N T_f + 2 V H P_f over the flagged rows alone.
+
+Padding, attention scores, softmax/KL arithmetic, and the reference forward and full-width
+LM head over unflagged rows (which the trainer runs for every micro-batch that holds a
+flagged row) are not counted, so they show as lost utilisation. The achieved GFLOP/s is
+compared with the best plain matmul measured in the same run (`matmul_peak_gflops`, before
+and after the steps).
+
+The issue's goal is a `sarft` step at most 1.3x an `sft` step. The default run takes about
+four and a half minutes on an idle 2-core CPU, --grouped about six.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
+from bench.scoring import block_params, load_rows
+from trainer.config import DTYPES, KL_POSITIONS, DType, KLPositions, LoraSettings, TrainConfig
+from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
+from trainer.train import _optimizer_step, _prepare, _supports_logits_to_keep
+from worker.models import load_model
+from worker.prompts import RolePrompts
+
+MODES = ("lora", "full")
+GROUPED = "sarft grouped"
+GOAL_RATIO = 1.3
+MIB = 1024 * 1024
+# The learning rates trainer.config documents; they do not change a step's cost.
+LEARNING_RATES = {"lora": 1e-4, "full": 2e-5}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One mode's measurements, run in a process of their own."""
+
+    mode: str
+    variants: tuple[str, ...]
+    role: str
+    batch_size: int
+    micro_batch_size: int
+    reps: int
+    dtype: DType
+    kl_positions: KLPositions
+    threads: int
+
+
+def bench_flags(n: int) -> list[bool]:
+    """Every other sample flagged: half the batch, and flagged rows in every micro-batch."""
+    return [i % 2 == 0 for i in range(n)]
+
+
+def build_config(job: Job, variant: str) -> TrainConfig:
+    return TrainConfig(
+        method="sft" if variant == "sft" else "sarft",
+        batch_size=job.batch_size,
+        micro_batch_size=job.micro_batch_size,
+        learning_rate=LEARNING_RATES[job.mode],
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        dtype=job.dtype,
+        kl_positions=job.kl_positions,
+        lora=LoraSettings() if job.mode == "lora" else None,
+    )
+
+
+def step_flops(
+    examples: list[TrainExample], model: Any, mode: str, kl_positions: KLPositions
+) -> dict[str, float]:
+    """FLOPs one step needs (see the module docstring), and the token counts behind them."""
+    n = block_params(model)
+    head = model.config.vocab_size * model.config.hidden_size
+    train_mult = 6 if mode == "full" else 4
+    tokens = sum(len(e.input_ids) for e in examples)
+    flagged = [e for e in examples if e.kl_flag]
+    kl_tokens = sum(len(e.input_ids) for e in flagged)
+    flagged_response = sum(e.num_response_tokens for e in flagged)
+    kl_count = kl_tokens if kl_positions == "all" else flagged_response
+    # CE needs every response position; the KL adds the flagged rows' other positions.
+    policy_positions = sum(e.num_response_tokens for e in examples) + kl_count - flagged_response
+    reference = 2.0 * n * kl_tokens + 2.0 * head * kl_count if flagged else 0.0
+    flops = train_mult * (n * tokens + head * policy_positions) + reference
+    return {"tokens": float(tokens), "kl_tokens": float(kl_tokens), "gflop": flops / 1e9}
+
+
+class PeakMemory:
+    """Peak memory of a code region above a baseline (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.baseline = self._status_kib("VmRSS") * 1024
+
+    @staticmethod
+    def _status_kib(field_name: str) -> int:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no {field_name} in /proc/self/status")
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.libc.malloc_trim(0)
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError as exc:
+            raise RuntimeError("peak RSS needs Linux's /proc/self/clear_refs") from exc
+
+    def peak_mib(self) -> float:
+        peak = torch.cuda.max_memory_allocated() if self.cuda else self._status_kib("VmHWM") * 1024
+        return (peak - self.baseline) / MIB
+
+
+def run_mode(job: Job) -> list[dict[str, Any]]:
+    """Warm-up and ``job.reps`` timed optimizer steps per variant, taking turns."""
+    torch.set_num_threads(job.threads)
+    loaded = load_model(dtype="float32")
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", job.role)
+    samples = load_rows(job.role, job.batch_size)
+    if len(samples) < job.batch_size:
+        raise SystemExit(f"only {len(samples)} rows of {job.role!r}")
+    flags = bench_flags(len(samples))
+    configs = {v: build_config(job, v) for v in job.variants}
+    batches: dict[str, list[TrainExample]] = {}
+    for variant, config in configs.items():
+        batch = encode_examples(
+            samples,
+            select_kl_subset(flags, config.method),
+            tokenizer,
+            prompts,
+            max_prompt_tokens=config.max_prompt_tokens,
+            max_response_tokens=config.max_response_tokens,
+        )
+        # A stable sort: flagged rows first, each micro-batch all flagged or none.
+        batches[variant] = sorted(batch, key=lambda e: -e.kl_flag) if variant == GROUPED else batch
+    # Counted before _prepare: LoRA adds its adapters to the model's parameters in place.
+    n_block = block_params(model)
+    counts = {v: step_flops(batches[v], model, job.mode, job.kl_positions) for v in job.variants}
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()  # page the memory-mapped weights in, so they count in the baseline
+    memory = PeakMemory(device)
+    # One policy serves every variant: they differ only in the batch's flags and order.
+    policy, reference = _prepare(model, configs[job.variants[0]], None)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[job.mode])
+    scheduler = LambdaLR(optimizer, lambda _: 1.0)
+    can_slice = _supports_logits_to_keep(policy)
+    pad_id = pad_token_id(tokenizer)
+    policy.train()
+
+    seconds: dict[str, list[float]] = {v: [] for v in job.variants}
+    cpu_seconds: dict[str, list[float]] = {v: [] for v in job.variants}
+    peaks: dict[str, list[float]] = {v: [] for v in job.variants}
+    kl: dict[str, float] = {}
+    for round_ in range(job.reps + 1):
+        shift = round_ % len(job.variants)
+        for variant in job.variants[shift:] + job.variants[:shift]:
+            memory.start()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            metrics = _optimizer_step(
+                policy,
+                reference,
+                batches[variant],
+                pad_id,
+                configs[variant],
+                optimizer,
+                scheduler,
+                can_slice,
+            )
+            if memory.cuda:
+                torch.cuda.synchronize()  # the optimizer step is queued, not done, on return
+            elapsed = time.perf_counter() - start
+            if round_ > 0:  # round 0 is the warm-up
+                seconds[variant].append(elapsed)
+                cpu_seconds[variant].append(time.process_time() - cpu_start)
+                peaks[variant].append(memory.peak_mib())
+                kl[variant] = metrics["kl"]
+
+    rows = []
+    for variant in job.variants:
+        step_s = statistics.median(seconds[variant])
+        rows.append(
+            {
+                "mode": job.mode,
+                "method": variant,
+                "device": str(device),
+                "trainable_params": sum(p.numel() for p in params),
+                "block_params": n_block,
+                "step_s_all": seconds[variant],
+                "step_s": step_s,
+                # CPU seconds per wall second (all threads): below --threads when others
+                # take the cores, and then the times are not this machine's best.
+                "cpu_per_wall": statistics.median(
+                    c / s for c, s in zip(cpu_seconds[variant], seconds[variant], strict=True)
+                ),
+                "tokens_per_s": counts[variant]["tokens"] / step_s,
+                "last_kl": kl[variant],
+                **counts[variant],
+                "gflops": counts[variant]["gflop"] / step_s,
+                "peak_mib": max(peaks[variant]),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--role", default="John Doe")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--kl-positions", choices=KL_POSITIONS, default="all")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: lora,full")
+    parser.add_argument("--grouped", action="store_true", help=f"also time {GROUPED!r}")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
+    if args.batch_size % args.micro_batch_size:
+        parser.error("--batch-size must be a multiple of --micro-batch-size")
+    variants = ("sft", "sarft", GROUPED) if args.grouped else ("sft", "sarft")
+    torch.set_num_threads(args.threads)  # the matmul peak too
+
+    peak_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    peak = matmul_peak_gflops(peak_dtype)
+    print(
+        f"{args.role}: batch {args.batch_size} (micro {args.micro_batch_size}), half flagged, "
+        f"{args.dtype}, KL positions {args.kl_positions}, {torch.get_num_threads()} threads; "
+        f"matmul peak {peak:.1f} GFLOP/s"
+    )
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    context = multiprocessing.get_context("spawn")
+    for mode in modes:
+        job = Job(
+            mode,
+            variants,
+            args.role,
+            args.batch_size,
+            args.micro_batch_size,
+            args.reps,
+            cast(DType, args.dtype),
+            cast(KLPositions, args.kl_positions),
+            args.threads,
+        )
+        # A fresh process per mode: LoRA wraps the model in place, and the memory baseline
+        # must not include an earlier mode's leftovers.
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            mode_rows = pool.submit(run_mode, job).result()
+        for row in mode_rows:
+            times = ", ".join(f"{t:.2f}" for t in row["step_s_all"])
+            print(f"  {mode} {row['method']}: {times} s, {row['cpu_per_wall']:.2f} CPU s/s")
+        rows.extend(mode_rows)
+    elapsed = time.perf_counter() - started
+    # The machine is shared: the best of two peak measurements errs towards a low share.
+    peak = max(peak, matmul_peak_gflops(peak_dtype))
+    print(f"matmul peak (best of before/after): {peak:.1f} GFLOP/s")
+
+    ratios: dict[str, dict[str, float | bool]] = {}
+    for row in rows:
+        row["peak_fraction"] = row["gflops"] / peak
+        sft = next(r for r in rows if r["mode"] == row["mode"] and r["method"] == "sft")
+        row["ratio_time"] = row["step_s"] / sft["step_s"]
+        row["ratio_memory"] = row["peak_mib"] / sft["peak_mib"]
+        if row["method"] == "sarft":
+            ratios[row["mode"]] = {
+                "ratio_time": row["ratio_time"],
+                "ratio_memory": row["ratio_memory"],
+                "meets_goal": row["ratio_time"] <= GOAL_RATIO,
+            }
+    headers = ["mode", "method", "step s", "tokens/s", "GFLOP/step", "GFLOP/s", "of peak"]
+    headers += ["CPU/wall", "peak MiB", "time x sft", "memory x sft"]
+    print_table(
+        headers,
+        [
+            [
+                r["mode"],
+                r["method"],
+                r["step_s"],
+                r["tokens_per_s"],
+                r["gflop"],
+                r["gflops"],
+                f"{r['peak_fraction']:.0%}",
+                r["cpu_per_wall"],
+                r["peak_mib"],
+                r["ratio_time"],
+                r["ratio_memory"],
+            ]
+            for r in rows
+        ],
+    )
+    print(f"goal: sarft step <= {GOAL_RATIO}x sft; total {elapsed:.0f} s")
+    save_json(
+        args.json,
+        {
+            "role": args.role,
+            "batch_size": args.batch_size,
+            "micro_batch_size": args.micro_batch_size,
+            "flagged": "every other sample (half the batch)",
+            "reps": args.reps,
+            "dtype": args.dtype,
+            "kl_positions": args.kl_positions,
+            "machine": machine(),  # its "threads" are --threads
+            "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+            "peak_gflops": peak,
+            "goal_ratio_time": GOAL_RATIO,
+            "modes": ratios,
+            "rows": rows,
+            "seconds": elapsed,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
