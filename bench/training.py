@@ -2,26 +2,24 @@
 
     python bench/training.py [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
         [--dtype float32|bfloat16] [--modes lora,full] [--kl-positions all|response] \
-        [--grouped] [--threads N] [--json bench/results/training.json]
+        [--threads N] [--json bench/results/training.json]
 
 Both methods train the bundled SmolLM2-135M-Instruct on the same batch: the first
 --batch-size RoleBench rows of --role (default "John Doe", the Se7en killer) encoded under
 SaRFT's role prompt, exactly as `trainer.train` encodes them. The RDS flags are fixed rather
 than scored: every other sample (indices 0, 2, 4, ...) is flagged, so half of the batch
-carries the KL anchor and, as a shuffled batch usually does, every micro-batch holds
-flagged rows. `sft` ignores the flags, as `select_kl_subset` does. --grouped adds a third
-variant, "sarft grouped": the same flagged samples, with the batch ordered flagged-first so
-that each micro-batch is either all flagged or not flagged at all (trainer.train does not do
-this; it shows what such an ordering would save).
+carries the KL anchor. `sft` ignores the flags, as `select_kl_subset` does. The batch is
+passed in that interleaved order; how the micro-batches are made of it is the trainer's
+business (it may, for one, put the flagged rows together).
 
 What is timed: whole optimizer steps through `trainer.train._optimizer_step` (every
 micro-batch's forward, the reference forward for `sarft`, the loss, backward, gradient
 clipping, AdamW), set up by `trainer.train._prepare` as `train()` does (LoRA: a PeftModel
 whose reference is the base with the adapter disabled; full: a frozen deep copy as the
 reference, which `_prepare` makes for `sft` too). Each mode runs in a fresh process that
-prepares the model once; the variants then take turns on it, one warm-up step each (it
-allocates AdamW's state) and --reps timed steps each, the order rotating every round, so a
-change in the machine's load (it is shared) hits every variant alike. The median is
+prepares the model once; the two methods then take turns on it, one warm-up step each (it
+allocates AdamW's state) and --reps timed steps each, the order alternating every round, so
+a change in the machine's load (it is shared) hits both alike. The median is
 reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
 --threads, other processes held the cores and the times are not this machine's best. Under
 such contention several torch threads wait for each other at every operation, which slows
@@ -33,7 +31,7 @@ Peak memory, per step, above the loaded model (weights paged in): on CUDA,
 allocator counters, so the kernel's own high-water mark is used: before each step the C
 heap is trimmed (`malloc_trim`, so that memory freed by an earlier step is not still
 resident) and the process's peak RSS is reset by writing 5 to /proc/self/clear_refs; after
-the step, VmHWM is read. Unlike a sampling thread this misses no short spike. A variant's
+the step, VmHWM is read. Unlike a sampling thread this misses no short spike. A method's
 figure is the largest over its timed steps; it covers the LoRA weights or the reference
 copy, AdamW's state, gradients, activations and logits.
 
@@ -48,14 +46,14 @@ T = real (unpadded) tokens and P = positions whose logits the loss needs:
   positions (--kl-positions all, the default and the authors' choice).
 * `sarft` reference: forward only, 2 N T_f + 2 V H P_f over the flagged rows alone.
 
-Padding, attention scores, softmax/KL arithmetic, and the reference forward and full-width
-LM head over unflagged rows (which the trainer runs for every micro-batch that holds a
-flagged row) are not counted, so they show as lost utilisation. The achieved GFLOP/s is
+Padding, attention scores, softmax/KL arithmetic, and any reference forward or full-width
+LM head that the trainer runs over unflagged rows are not counted, so they show as lost
+utilisation. The achieved GFLOP/s is
 compared with the best plain matmul measured in the same run (`matmul_peak_gflops`, before
 and after the steps).
 
 The issue's goal is a `sarft` step at most 1.3x an `sft` step. The default run takes about
-four and a half minutes on an idle 2-core CPU, --grouped about six.
+four and a half minutes on an idle 2-core CPU.
 """
 
 from __future__ import annotations
@@ -79,14 +77,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
 from bench.scoring import block_params, load_rows
-from trainer.config import DTYPES, KL_POSITIONS, DType, KLPositions, LoraSettings, TrainConfig
+from trainer.config import (
+    DTYPES,
+    KL_POSITIONS,
+    DType,
+    KLPositions,
+    LoraSettings,
+    Method,
+    TrainConfig,
+)
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.train import _optimizer_step, _prepare, _supports_logits_to_keep
 from worker.models import load_model
 from worker.prompts import RolePrompts
 
 MODES = ("lora", "full")
-GROUPED = "sarft grouped"
+BENCH_METHODS: tuple[Method, ...] = ("sft", "sarft")
 GOAL_RATIO = 1.3
 MIB = 1024 * 1024
 # The learning rates trainer.config documents; they do not change a step's cost.
@@ -98,7 +104,6 @@ class Job:
     """One mode's measurements, run in a process of their own."""
 
     mode: str
-    variants: tuple[str, ...]
     role: str
     batch_size: int
     micro_batch_size: int
@@ -113,9 +118,9 @@ def bench_flags(n: int) -> list[bool]:
     return [i % 2 == 0 for i in range(n)]
 
 
-def build_config(job: Job, variant: str) -> TrainConfig:
+def build_config(job: Job, method: Method) -> TrainConfig:
     return TrainConfig(
-        method="sft" if variant == "sft" else "sarft",
+        method=method,
         batch_size=job.batch_size,
         micro_batch_size=job.micro_batch_size,
         learning_rate=LEARNING_RATES[job.mode],
@@ -183,7 +188,7 @@ class PeakMemory:
 
 
 def run_mode(job: Job) -> list[dict[str, Any]]:
-    """Warm-up and ``job.reps`` timed optimizer steps per variant, taking turns."""
+    """Warm-up and ``job.reps`` timed optimizer steps per method, taking turns."""
     torch.set_num_threads(job.threads)
     loaded = load_model(dtype="float32")
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
@@ -192,10 +197,10 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     if len(samples) < job.batch_size:
         raise SystemExit(f"only {len(samples)} rows of {job.role!r}")
     flags = bench_flags(len(samples))
-    configs = {v: build_config(job, v) for v in job.variants}
+    configs = {m: build_config(job, m) for m in BENCH_METHODS}
     batches: dict[str, list[TrainExample]] = {}
-    for variant, config in configs.items():
-        batch = encode_examples(
+    for method, config in configs.items():
+        batches[method] = encode_examples(
             samples,
             select_kl_subset(flags, config.method),
             tokenizer,
@@ -203,18 +208,16 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             max_prompt_tokens=config.max_prompt_tokens,
             max_response_tokens=config.max_response_tokens,
         )
-        # A stable sort: flagged rows first, each micro-batch all flagged or none.
-        batches[variant] = sorted(batch, key=lambda e: -e.kl_flag) if variant == GROUPED else batch
     # Counted before _prepare: LoRA adds its adapters to the model's parameters in place.
     n_block = block_params(model)
-    counts = {v: step_flops(batches[v], model, job.mode, job.kl_positions) for v in job.variants}
+    counts = {m: step_flops(batches[m], model, job.mode, job.kl_positions) for m in BENCH_METHODS}
 
     with torch.no_grad():
         for p in model.parameters():
             p.sum()  # page the memory-mapped weights in, so they count in the baseline
     memory = PeakMemory(device)
-    # One policy serves every variant: they differ only in the batch's flags and order.
-    policy, reference = _prepare(model, configs[job.variants[0]], None)
+    # One policy serves both methods: they differ only in the batch's flags.
+    policy, reference = _prepare(model, configs["sarft"], None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[job.mode])
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
@@ -222,21 +225,20 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     pad_id = pad_token_id(tokenizer)
     policy.train()
 
-    seconds: dict[str, list[float]] = {v: [] for v in job.variants}
-    cpu_seconds: dict[str, list[float]] = {v: [] for v in job.variants}
-    peaks: dict[str, list[float]] = {v: [] for v in job.variants}
+    seconds: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
+    cpu_seconds: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
+    peaks: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
     kl: dict[str, float] = {}
     for round_ in range(job.reps + 1):
-        shift = round_ % len(job.variants)
-        for variant in job.variants[shift:] + job.variants[:shift]:
+        for method in BENCH_METHODS[:: 1 if round_ % 2 == 0 else -1]:
             memory.start()
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = _optimizer_step(
                 policy,
                 reference,
-                batches[variant],
+                batches[method],
                 pad_id,
-                configs[variant],
+                configs[method],
                 optimizer,
                 scheduler,
                 can_slice,
@@ -245,33 +247,33 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
                 torch.cuda.synchronize()  # the optimizer step is queued, not done, on return
             elapsed = time.perf_counter() - start
             if round_ > 0:  # round 0 is the warm-up
-                seconds[variant].append(elapsed)
-                cpu_seconds[variant].append(time.process_time() - cpu_start)
-                peaks[variant].append(memory.peak_mib())
-                kl[variant] = metrics["kl"]
+                seconds[method].append(elapsed)
+                cpu_seconds[method].append(time.process_time() - cpu_start)
+                peaks[method].append(memory.peak_mib())
+                kl[method] = metrics["kl"]
 
     rows = []
-    for variant in job.variants:
-        step_s = statistics.median(seconds[variant])
+    for method in BENCH_METHODS:
+        step_s = statistics.median(seconds[method])
         rows.append(
             {
                 "mode": job.mode,
-                "method": variant,
+                "method": method,
                 "device": str(device),
                 "trainable_params": sum(p.numel() for p in params),
                 "block_params": n_block,
-                "step_s_all": seconds[variant],
+                "step_s_all": seconds[method],
                 "step_s": step_s,
                 # CPU seconds per wall second (all threads): below --threads when others
                 # take the cores, and then the times are not this machine's best.
                 "cpu_per_wall": statistics.median(
-                    c / s for c, s in zip(cpu_seconds[variant], seconds[variant], strict=True)
+                    c / s for c, s in zip(cpu_seconds[method], seconds[method], strict=True)
                 ),
-                "tokens_per_s": counts[variant]["tokens"] / step_s,
-                "last_kl": kl[variant],
-                **counts[variant],
-                "gflops": counts[variant]["gflop"] / step_s,
-                "peak_mib": max(peaks[variant]),
+                "tokens_per_s": counts[method]["tokens"] / step_s,
+                "last_kl": kl[method],
+                **counts[method],
+                "gflops": counts[method]["gflop"] / step_s,
+                "peak_mib": max(peaks[method]),
             }
         )
     return rows
@@ -284,11 +286,10 @@ def main() -> None:
     parser.add_argument("--role", default="John Doe")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per method")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--kl-positions", choices=KL_POSITIONS, default="all")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: lora,full")
-    parser.add_argument("--grouped", action="store_true", help=f"also time {GROUPED!r}")
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
     )
@@ -301,7 +302,6 @@ def main() -> None:
         parser.error("--reps must be >= 1")
     if args.batch_size % args.micro_batch_size:
         parser.error("--batch-size must be a multiple of --micro-batch-size")
-    variants = ("sft", "sarft", GROUPED) if args.grouped else ("sft", "sarft")
     torch.set_num_threads(args.threads)  # the matmul peak too
 
     peak_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -318,7 +318,6 @@ def main() -> None:
     for mode in modes:
         job = Job(
             mode,
-            variants,
             args.role,
             args.batch_size,
             args.micro_batch_size,
