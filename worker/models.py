@@ -104,17 +104,6 @@ class LoadedModel:
     device: torch.device
 
 
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero in this process's CPU kernels.
-
-    Training and generation on CPU produce subnormal activations and gradients (attention
-    probabilities and their gradients underflow), and x86 arithmetic on subnormals is ~100x
-    slower: one LoRA step of the bundled model took 51 s with them and 7 s without. Values
-    below 1.2e-38 carry no information the losses or log-probabilities could see.
-    """
-    torch.set_flush_denormal(True)
-
-
 def load_model(
     model: str | None = None,
     *,
@@ -129,8 +118,6 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(model, cache_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cpu":
-        flush_denormals()
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     lm.to(dev)
