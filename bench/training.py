@@ -16,11 +16,12 @@ What is timed: whole optimizer steps through `trainer.train._optimizer_step` (ev
 micro-batch's forward, the reference forward for `sarft`, the loss, backward, gradient
 clipping, AdamW), set up by `trainer.train._prepare` as `train()` does (LoRA: a PeftModel
 whose reference is the base with the adapter disabled; full: a frozen deep copy as the
-reference, which `_prepare` makes for `sft` too). Each mode runs in a fresh process that
-prepares the model once; the two methods then take turns on it, one warm-up step each (it
-allocates AdamW's state) and --reps timed steps each, the order alternating every round, so
-a change in the machine's load (it is shared) hits both alike. The median is
-reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
+reference; the model is prepared once per mode, with the `sarft` settings, so the copy is
+there during `sft` steps too, although `train()` makes none for `sft`). Each mode runs in a
+fresh process that prepares the model once; the two methods then take turns on it, one
+warm-up step each (it allocates AdamW's state) and --reps timed steps each, the order
+alternating every round, so a change in the machine's load (it is shared) hits both alike.
+The median is reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
 --threads, other processes held the cores and the times are not this machine's best. Under
 such contention several torch threads wait for each other at every operation, which slows
 many small operations (the KL term) more than large matmuls and inflates the ratio; there

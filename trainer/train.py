@@ -98,6 +98,12 @@ def _prepare(
 ) -> tuple[Any, ReferenceLogits]:
     """The policy to train and a function returning reference logits (under no_grad)."""
     if config.lora is None:
+        if config.method == "sft" or config.lambda_kl == 0:
+            # No KL term, so no reference forward: a frozen copy would only take memory.
+            def no_reference(batch: Batch, keep: int) -> torch.Tensor:
+                raise AssertionError("a run without a KL term asked for reference logits")
+
+            return model, no_reference
         reference = frozen_copy(model)
 
         def full_reference(batch: Batch, keep: int) -> torch.Tensor:

@@ -318,6 +318,17 @@ def test_full_finetuning_updates_weights_keeps_the_reference_and_reloads(
     )  # fmt: skip
 
 
+def test_full_finetuning_without_kl_keeps_no_reference_copy(
+    model: Any, tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copies: list[Any] = []
+    monkeypatch.setattr(train_module, "frozen_copy", copies.append)
+    for config in (quick_config(lora=None, method="sft"), quick_config(lora=None, lambda_kl=0.0)):
+        result = train(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
+        assert result.steps > 0 and all(h["kl"] == 0.0 for h in result.history)
+    assert copies == []
+
+
 # --- the bundled model -------------------------------------------------------------------------
 
 
