@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
+from service.core import job_state
 from service.core.config import get_settings
 from service.core.db import session_scope, utcnow
 from service.core.events import add_event
@@ -45,7 +47,7 @@ from trainer.config import TrainConfig
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
 from trainer.refusal import Judge, LLMJudge, PhraseJudge
 from worker.formats import DatasetFormat, Sample, sample_from_record
-from worker.jobs import WORKER_NAME
+from worker.jobs import WORKER_NAME, JobCancelled
 from worker.prompts import RolePrompts
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,6 @@ CANCEL_CHECK_S = 2.0  # how often evaluation asks the database whether the job w
 BUNDLED_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """Recorded as the adapter's base model when the bundled model was trained (its weights are
 that model's, dequantized from the package's Q4_1 GGUF)."""
-
-
-class JobCancelled(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -122,14 +120,11 @@ def run_fine_tuning_job(job_id: str) -> None:
         add_event(session, job_id, "job succeeded", **_headline(result))
 
 
-def fail(session: Any, job_id: str, error: str) -> None:
+def fail(session: Session, job_id: str, error: str) -> None:
+    # Locked before reading the phase the event records, as job_state.fail locks it again.
     job = session.get(FineTuningJob, job_id, with_for_update=True)
-    if job is None or JobStatus(job.status).finished:
-        return
-    job.status = JobStatus.FAILED
-    job.error = error
-    job.finished_at = utcnow()
-    add_event(session, job_id, f"job failed: {error}", level="error", phase=job.phase)
+    phase = None if job is None else job.phase
+    job_state.fail(session, FineTuningJob, job_id, error, phase=phase)
 
 
 # --- reading the job -----------------------------------------------------------------------------

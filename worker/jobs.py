@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from service.core import job_state
 from service.core.config import get_settings
 from service.core.db import session_scope, utcnow
 from service.core.events import add_event
@@ -117,9 +118,9 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
             .values(heartbeat_at=utcnow())
         ),
     )
-    heartbeat.start()
     try:
-        _score_shard(job_id, shard_no, config, settings.chunk_size)
+        with heartbeat:
+            _score_shard(job_id, shard_no, config, settings.chunk_size)
     except JobCancelled:
         with session_scope() as session:
             _set_shard(session, job_id, shard_no, JobStatus.CANCELLED)
@@ -128,10 +129,8 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
         log.exception("job %s shard %s failed", job_id, shard_no)
         with session_scope() as session:
             _set_shard(session, job_id, shard_no, JobStatus.FAILED)
-            _fail(session, job_id, f"{type(exc).__name__}: {exc}")
+            job_state.fail(session, ScoringJob, job_id, f"{type(exc).__name__}: {exc}")
         raise
-    finally:
-        heartbeat.stopped.set()
     with session_scope() as session:
         _set_shard(session, job_id, shard_no, JobStatus.SUCCEEDED)
         add_event(session, job_id, f"shard {shard_no} finished", shard=shard_no)
@@ -144,16 +143,6 @@ def _set_shard(session: Session, job_id: str, shard_no: int, status: JobStatus) 
         .where(ScoringShard.job_id == job_id, ScoringShard.shard == shard_no)
         .values(status=status)
     )
-
-
-def _fail(session: Session, job_id: str, error: str) -> None:
-    job = session.get(ScoringJob, job_id, with_for_update=True)
-    if job is None or JobStatus(job.status).finished:
-        return
-    job.status = JobStatus.FAILED
-    job.error = error
-    job.finished_at = utcnow()
-    add_event(session, job_id, f"job failed: {error}", level="error")
 
 
 def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: int) -> None:
@@ -289,8 +278,9 @@ def reap_stale_shards() -> int:
             lost = f"worker {shard.worker} stopped responding"
             if shard.attempts >= settings.max_attempts:
                 shard.status = JobStatus.FAILED
-                _fail(
+                job_state.fail(
                     session,
+                    ScoringJob,
                     shard.job_id,
                     f"{lost} during {shard.attempts} attempts of shard {shard.shard}",
                 )

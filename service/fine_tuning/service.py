@@ -8,8 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import after_commit, utcnow
+from service.core.db import after_commit
 from service.core.errors import Conflict, NotFound, Unprocessable
 from service.core.events import add_event, timestamp
 from service.core.ids import new_id
@@ -44,26 +45,11 @@ def train_config(method: Method, hp: Hyperparameters) -> TrainConfig:
     lora = None if hp.lora is None else LoraSettings(**hp.lora.model_dump())
     rate = hp.learning_rate or (LORA_LEARNING_RATE if lora else FULL_FT_LEARNING_RATE)
     micro = hp.micro_batch_size or min(4, hp.batch_size)
+    # The request's names are the trainer's (``lambda`` is the alias of ``lambda_kl``).
+    same = hp.model_dump(exclude={"lora", "learning_rate", "micro_batch_size"})
     try:
         return TrainConfig(
-            method=method,
-            lambda_kl=hp.lambda_kl,
-            kl_direction=hp.kl_direction,
-            kl_positions=hp.kl_positions,
-            n_epochs=hp.n_epochs,
-            batch_size=hp.batch_size,
-            micro_batch_size=micro,
-            learning_rate=rate,
-            lr_scheduler=hp.lr_scheduler,
-            warmup_ratio=hp.warmup_ratio,
-            weight_decay=hp.weight_decay,
-            max_grad_norm=hp.max_grad_norm,
-            max_steps=hp.max_steps,
-            max_prompt_tokens=hp.max_prompt_tokens,
-            max_response_tokens=hp.max_response_tokens,
-            seed=hp.seed,
-            dtype=hp.dtype,
-            lora=lora,
+            method=method, lora=lora, learning_rate=rate, micro_batch_size=micro, **same
         )
     except ValueError as exc:
         raise Unprocessable(str(exc), param="hyperparameters") from exc
@@ -143,14 +129,7 @@ def get(session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
 
 
 def cancel(session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
-    job = get(session, tenant_id, job_id)
-    if JobStatus(job.status).finished:
-        raise Conflict(f"the job is already {job.status}")
-    job.status = JobStatus.CANCELLED
-    job.finished_at = utcnow()
-    add_event(session, job.id, "cancelled by the user")
-    session.flush()
-    return job
+    return job_state.cancel(session, get(session, tenant_id, job_id))
 
 
 def artifact(job: FineTuningJob, name: str) -> Path:

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import after_commit, session_scope, utcnow
+from service.core.db import after_commit, session_scope
 from service.core.errors import APIError, Conflict
 from service.core.events import add_event, timestamp
 from service.core.ids import new_id
@@ -92,14 +93,7 @@ def get(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
 
 
 def cancel(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
-    job = get(session, tenant_id, job_id)
-    if JobStatus(job.status).finished:
-        raise Conflict(f"the job is already {job.status}")
-    job.status = JobStatus.CANCELLED
-    job.finished_at = utcnow()
-    add_event(session, job.id, "cancelled by the user")
-    session.flush()
-    return job
+    return job_state.cancel(session, get(session, tenant_id, job_id))
 
 
 def stream_subset(job_id: str, dataset_id: str, flagged_only: bool) -> Iterator[bytes]:

@@ -1,0 +1,37 @@
+"""State changes every job kind makes the same way: cancel by the user, fail with a reason."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from service.core.db import utcnow
+from service.core.errors import Conflict
+from service.core.events import add_event
+from service.models import FineTuningJob, JobStatus, ScoringJob
+
+Job = TypeVar("Job", ScoringJob, FineTuningJob)
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued or running job (409 once finished); its worker stops at its next check."""
+    if JobStatus(job.status).finished:
+        raise Conflict(f"the job is already {job.status}")
+    job.status = JobStatus.CANCELLED
+    job.finished_at = utcnow()
+    add_event(session, job.id, "cancelled by the user")
+    session.flush()
+    return job
+
+
+def fail(session: Session, model: type[Job], job_id: str, error: str, **data: Any) -> None:
+    """Fail the job with ``error`` unless it already finished; the row lock orders racing
+    workers and reapers."""
+    job = session.get(model, job_id, with_for_update=True)
+    if job is None or JobStatus(job.status).finished:
+        return
+    job.status = JobStatus.FAILED
+    job.error = error
+    job.finished_at = utcnow()
+    add_event(session, job_id, f"job failed: {error}", level="error", **data)
