@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "sarft_prefix"
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @dataclass(frozen=True)
@@ -54,34 +56,62 @@ def prefix_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    prefix_k, prefix_v = prefix.layer(module.layer_idx)
+    out = attend_with_prefix(query, key, value, prefix_k, prefix_v, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attend_causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention of ``[B, heads, T, D]`` queries over ``[B, kv_heads, T, D]`` keys.
+
+    The CPU flash kernel takes grouped kv heads and strided inputs as they are.
+    """
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    return _FLASH(query, key, value, 0.0, True, scale=scale)[0]
+
+
+def attend_with_prefix(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over one shared prefix ``[1, kv_heads, P, D]`` plus each row's causal suffix.
+
+    Returns ``[B, heads, T, D]`` (a view of a ``[B, T, heads, D]`` buffer, as
+    the flash kernel lays its output out).
+    """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
-    scale = scaling if scaling is not None else dim**-0.5
-    prefix_k, prefix_v = prefix.layer(module.layer_idx)
+    scale = scale if scale is not None else dim**-0.5
 
-    # Query heads kv*group .. kv*group+group-1 share kv head kv (repeat_kv's order).
+    # Every query row sees the same prefix keys, so the batch folds into one long
+    # query per kv head: query head kv * group + j uses kv head kv (repeat_kv's order).
     folded = (
-        query.reshape(batch, kv_heads, group * length, dim)
-        .transpose(0, 1)
-        .reshape(1, kv_heads, batch * group * length, dim)
+        query.transpose(1, 2)
+        .reshape(batch, length, kv_heads, group, dim)
+        .permute(2, 0, 1, 3, 4)
+        .reshape(1, kv_heads, batch * length * group, dim)
     )
-    out_p, lse_p = flash(folded, prefix_k, prefix_v, 0.0, False, scale=scale)
-    out_p = out_p.reshape(kv_heads, batch, group * length, dim).transpose(0, 1)
+    out_p, lse_p = _FLASH(folded, prefix_k, prefix_v, 0.0, False, scale=scale)
+    out_p = out_p.view(kv_heads, batch, length, group, dim).permute(1, 0, 3, 2, 4)
     out_p = out_p.reshape(batch, heads, length, dim)
-    lse_p = lse_p.reshape(kv_heads, batch, group * length).transpose(0, 1)
+    lse_p = lse_p.view(kv_heads, batch, length, group).permute(1, 0, 3, 2)
     lse_p = lse_p.reshape(batch, heads, length)
 
-    out_s, lse_s = flash(
-        query.contiguous(), repeat_kv(key, group), repeat_kv(value, group), 0.0, True, scale=scale
-    )
-    lse = torch.logaddexp(lse_p, lse_s)
-    merged = (
-        out_p.float() * torch.exp(lse_p - lse)[..., None]
-        + out_s.float() * torch.exp(lse_s - lse)[..., None]
-    )
-    return merged.to(query.dtype).transpose(1, 2).contiguous(), None
+    out_s, lse_s = _FLASH(query, key, value, 0.0, True, scale=scale)
+    # softmax over prefix + suffix = the two partial results weighted by their
+    # shares of the total mass: sigmoid(lse_p - lse_s) is the prefix's share.
+    share = torch.sigmoid(lse_p - lse_s)[..., None]
+    if out_s.dtype != torch.float32:
+        return torch.lerp(out_s.float(), out_p.float(), share).to(out_s.dtype)
+    # Into out_s's [B, T, heads, D] layout, so the caller's reshape is a view.
+    return torch.lerp(out_s, out_p, share, out=torch.empty_like(out_s))
 
 
 def register() -> None:

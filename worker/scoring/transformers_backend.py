@@ -7,7 +7,11 @@ Three things make it fast without changing a single log-probability:
 - sequences are bucketed by the length that still needs computing, so batches
   carry little padding (padding goes on the right, where causal attention
   keeps it from touching real tokens);
-- the vocabulary projection runs only at positions that predict a response token.
+- the vocabulary projection runs only at positions that predict a response token,
+  a cache-sized slice of the vocabulary at a time.
+
+On CPU, Llama-family models run through ``fused_llama`` (wider matmuls, fewer
+temporaries), after a start-up check that it reproduces the module path.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
+from worker.scoring import fused_llama
 from worker.scoring.base import ResponseLogprob
+from worker.scoring.fused_llama import FusedLlama
 from worker.scoring.prefix_attention import (
     ATTENTION_NAME,
     SharedPrefix,
@@ -33,8 +40,10 @@ log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
-# Logit elements projected at once (64 MiB in fp32): bounds memory whatever the vocabulary.
-LOGITS_BLOCK_ELEMENTS = 1 << 24
+# The output projection's blocking (see _label_logprobs): 2048 rows x 1024 columns
+# of fp32 logits is 8 MiB, and 2048 rows keep the matmul near its peak.
+PROJECTION_ROWS = 2048
+VOCAB_SLICE = 1024
 
 
 def _needed_len(seq: EncodedSequence) -> int:
@@ -68,6 +77,9 @@ class TransformersScorer:
         self.shared_prefix_attention = (
             reuse_prefix and self.device.type == "cpu" and self._prefix_attention_matches()
         )
+        self.fused: FusedLlama | None = None
+        if self.device.type == "cpu" and self.direct_projection and fused_llama.supports(model):
+            self.fused = self._fused_forward()
 
     # -- public -----------------------------------------------------------
     @torch.inference_mode()
@@ -182,7 +194,11 @@ class TransformersScorer:
         col_t = torch.tensor(cols, device=self.device)
         label_t = torch.tensor(labels, device=self.device)
         prefix = kv if start > 0 else None
-        if self.direct_projection:
+        if self.fused is not None:
+            shared = SharedPrefix(prefix, start) if prefix is not None else None
+            hidden = self.fused.forward(ids, positions, shared)
+            token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
+        elif self.direct_projection:
             hidden = self._run(self.decoder, ids, positions, prefix, start).last_hidden_state
             token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
         else:
@@ -194,26 +210,38 @@ class TransformersScorer:
         return sums.tolist()
 
     def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(label) at each row of ``hidden``, projecting a bounded block of rows at a time.
+        """log p(label) at each row of ``hidden``: the label's logit minus the log-sum-exp.
 
-        Full-vocabulary logits of every response position of a batch would take
-        positions x vocab x 4 bytes (260 MB for SmolLM2 at batch 16, ~800 MB for
-        a 150k vocabulary); blocks keep that near ``LOGITS_BLOCK_ELEMENTS``.
+        The log-sum-exp runs over vocabulary slices of ``VOCAB_SLICE`` columns for
+        up to ``PROJECTION_ROWS`` rows at a time, combined at the end: a slice's
+        logits stay in cache while they are reduced, where full-vocabulary logits
+        (positions x vocab x 4 bytes, 260 MB for SmolLM2 at batch 16) would go
+        to memory and back several times. Memory stays bounded whatever the vocabulary.
         """
-        vocab = self.lm_head.weight.shape[0]
-        rows = max(1, LOGITS_BLOCK_ELEMENTS // vocab)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        vocab = weight.shape[0]
+        slices = range(0, vocab, VOCAB_SLICE)
         out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
-        for i in range(0, len(labels), rows):
-            logits = self._project(hidden[i : i + rows])
-            picked = logits.gather(1, labels[i : i + rows, None]).squeeze(1)
-            out[i : i + rows] = picked - torch.logsumexp(logits, dim=-1)
+        for i in range(0, len(labels), PROJECTION_ROWS):
+            h, lab = hidden[i : i + PROJECTION_ROWS], labels[i : i + PROJECTION_ROWS]
+            lse = torch.empty(len(slices), len(h), dtype=torch.float32, device=hidden.device)
+            for j, v in enumerate(slices):
+                b = None if bias is None else bias[v : v + VOCAB_SLICE]
+                logits = self._softcap(F.linear(h, weight[v : v + VOCAB_SLICE], b).float())
+                torch.logsumexp(logits, dim=-1, out=lse[j])
+            picked = (h.float() * weight[lab].float()).sum(-1)
+            if bias is not None:
+                picked += bias[lab].float()
+            out[i : i + PROJECTION_ROWS] = self._softcap(picked) - torch.logsumexp(lse, dim=0)
         return out
 
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._softcap(self.lm_head(hidden).float())
 
     def _run(
         self, module: Any, ids: torch.Tensor, positions: torch.Tensor, kv: KV | None, start: int
@@ -254,11 +282,7 @@ class TransformersScorer:
         keeps the plain path.
         """
         register_prefix_attention()
-        prefix_ids = torch.arange(3, 15, device=self.device)[None]
-        suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
-        kv = self._kv_for(Prefix(key="\0self-check", token_ids=tuple(prefix_ids[0].tolist())))
-        self._prefix_kv.pop("\0self-check")
-        positions = torch.arange(12, 17, device=self.device)[None]
+        suffix, positions, kv = self._check_inputs()
         self.shared_prefix_attention = False
         plain = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
         try:
@@ -269,8 +293,43 @@ class TransformersScorer:
             return False
         finally:
             self.shared_prefix_attention = False
-        tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
-        error = float((fast.float() - plain.float()).abs().max() / plain.float().abs().max())
-        if error > tolerance:
+        error = _relative_error(fast, plain)
+        if error > _tolerance(plain.dtype):
             log.warning("shared-prefix attention differs (%.2g); using the cache path", error)
-        return error <= tolerance
+        return error <= _tolerance(plain.dtype)
+
+    @torch.inference_mode()
+    def _fused_forward(self) -> FusedLlama | None:
+        """The lean Llama forward, if it reproduces the module path on this model."""
+        suffix, positions, kv = self._check_inputs()
+        plain = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
+        whole = self.decoder(input_ids=suffix).last_hidden_state
+        try:
+            fused = FusedLlama(self.model)
+            fast = fused.forward(suffix, positions, SharedPrefix(kv, 12))
+            fast_whole = fused.forward(suffix, torch.arange(5, device=self.device)[None], None)
+        except Exception as exc:  # a layer this forward does not know
+            log.warning("fused forward unavailable (%s); using the module path", exc)
+            return None
+        error = max(_relative_error(fast, plain), _relative_error(fast_whole, whole))
+        if error > _tolerance(plain.dtype):
+            log.warning("fused forward differs (%.2g); using the module path", error)
+            return None
+        return fused
+
+    def _check_inputs(self) -> tuple[torch.Tensor, torch.Tensor, KV]:
+        """Two 5-token rows at positions 12..16 after a cached 12-token prefix."""
+        prefix_ids = tuple(range(3, 15))
+        kv = self._kv_for(Prefix(key="\0self-check", token_ids=prefix_ids))
+        self._prefix_kv.pop("\0self-check")
+        suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
+        positions = torch.arange(12, 17, device=self.device)[None]
+        return suffix, positions, kv
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())

@@ -1,0 +1,152 @@
+"""A lean scoring forward for Llama-style decoders on CPU.
+
+The same arithmetic as transformers' Llama decoder (the scorer checks it
+against the model's own forward before using it), arranged for 2 busy cores:
+- q/k/v is one matmul and gate/up is one: wider matmuls run nearer the
+  machine's peak than 192-column ones, and half the calls. The model's own
+  projections are re-pointed at views of the fused weights, so nothing is
+  stored twice and the model keeps working as before;
+- the activation, residual adds and rotary run in place or into one buffer
+  instead of the several temporaries of the module code;
+- attention over a shared prefix uses the prefix keys once for the whole batch
+  (``prefix_attention.attend``), never copied per row.
+
+Only decoders whose layers are exactly norm -> attention -> residual -> norm
+-> gated MLP -> residual (Llama, Mistral without sliding window, Qwen2) qualify;
+anything else keeps the module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from worker.scoring.prefix_attention import SharedPrefix, attend_causal, attend_with_prefix
+
+SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    index: int
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def supports(model: Any) -> bool:
+    config = model.config
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not layers or getattr(decoder, "rotary_emb", None) is None:
+        return False
+    if getattr(config, "hidden_act", None) != "silu":
+        return False
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is not None and getattr(config, "use_sliding_window", True):
+        return False
+    return all(type(layer).__name__ in SUPPORTED_LAYERS for layer in layers) and not any(
+        getattr(layer.mlp, "bias", False) or layer.mlp.down_proj.bias is not None
+        for layer in layers
+    )
+
+
+def _fuse(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the linears' weights (and biases) and re-point each at its slice."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    has_bias = [m.bias is not None for m in modules]
+    bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("mixed biases")
+    offset = 0
+    for m in modules:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[offset : offset + rows]
+        if bias is not None:
+            m.bias.data = bias[offset : offset + rows]
+        offset += rows
+    return weight, bias
+
+
+class FusedLlama:
+    """``forward(ids, positions, prefix)`` -> final-normed hidden states ``[B, T, H]``."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        decoder = model.get_decoder()
+        self.decoder = decoder
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = float(config.rms_norm_eps)
+        self.intermediate = config.intermediate_size
+        self.layers: list[FusedLayer] = []
+        with torch.no_grad():
+            for i, layer in enumerate(decoder.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+                gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+                self.layers.append(
+                    FusedLayer(
+                        index=i,
+                        attn_norm=layer.input_layernorm.weight,
+                        mlp_norm=layer.post_attention_layernorm.weight,
+                        qkv=qkv,
+                        qkv_bias=qkv_bias,
+                        o=attn.o_proj.weight,
+                        o_bias=attn.o_proj.bias,
+                        gate_up=gate_up,
+                        down=mlp.down_proj.weight,
+                    )
+                )
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, prefix: SharedPrefix | None
+    ) -> torch.Tensor:
+        """Hidden states of ``ids`` (``[B, T]``) at ``positions`` (``[1, T]``) after ``prefix``."""
+        batch, length = ids.shape
+        hidden = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        # [1, T, 1, D]: broadcasts over batch and heads in the [B, T, heads, D] layout.
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        nq, nkv, d = self.heads, self.kv_heads, self.head_dim
+        for layer in self.layers:
+            x = self._norm(hidden, layer.attn_norm)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias).view(batch, length, nq + 2 * nkv, d)
+            qk = _rotary(qkv[:, :, : nq + nkv], cos, sin)
+            q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
+            v = qkv[:, :, nq + nkv :].transpose(1, 2)
+            if prefix is None:
+                out = attend_causal(q, k, v)
+            else:
+                out = attend_with_prefix(q, k, v, *prefix.layer(layer.index))
+            # out is [B, heads, T, D] over a [B, T, heads, D] buffer: this reshape is a view.
+            out = out.transpose(1, 2).reshape(batch, length, nq * d)
+            hidden.add_(F.linear(out, layer.o, layer.o_bias))
+            x = self._norm(hidden, layer.mlp_norm)
+            gate_up = F.linear(x, layer.gate_up)
+            act = F.silu(gate_up[..., : self.intermediate], inplace=True)
+            act.mul_(gate_up[..., self.intermediate :])
+            hidden.add_(F.linear(act, layer.down))
+        return self._norm(hidden, self.decoder.norm.weight)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, into one fresh contiguous buffer."""
+    half = x.shape[-1] // 2
+    rotated = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.neg(x[..., half:], out=rotated[..., :half])
+    rotated[..., half:] = x[..., :half]
+    rotated.mul_(sin)
+    return rotated.addcmul_(x, cos)
