@@ -102,8 +102,14 @@ def test_model_keeps_its_weights_and_outputs(tiny_tokenizer: Any) -> None:
     assert same_storage(attn.q_proj.weight, fused.qkv)
     assert same_storage(attn.v_proj.weight, fused.qkv)
     assert same_storage(attn.k_proj.bias, fused.qkv_bias)
-    # A second scorer on the same model fuses again and still agrees.
-    assert TransformersScorer(model).fused is not None
+    # A second scorer on the same model reuses the start-up checks and the fused weights.
+    assert TransformersScorer(model).fused is scorer.fused
+    # New parameter tensors (a round trip through fp64) are checked and fused again.
+    model.double().float()
+    assert not same_storage(attn.q_proj.weight, fused.qkv)
+    again = TransformersScorer(model)
+    assert again.fused is not None and again.fused is not scorer.fused
+    assert same_storage(attn.q_proj.weight, again.fused.layers[0].qkv)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, before)
 

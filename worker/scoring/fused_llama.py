@@ -24,7 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.scoring.prefix_attention import SharedPrefix, attend_causal, attend_with_prefix
+from worker.scoring.prefix_attention import SharedPrefix, attend_causal, attend_prefix, merge
+
+# Rows begin:end of a batch and the prefix they follow (None: no prefix).
+Segment = tuple[int, int, SharedPrefix | None]
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 
@@ -109,16 +112,25 @@ class FusedLlama:
                 )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        """RMSNorm in three passes over ``x`` (F.rms_norm on CPU makes several more)."""
+        if x.dtype != torch.float32:  # the module path normalises in fp32
+            return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * weight
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        scale = norm.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
+        return torch.mul(x, weight).mul_(scale)
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, prefix: SharedPrefix | None
+        self, ids: torch.Tensor, positions: torch.Tensor, segments: list[Segment]
     ) -> torch.Tensor:
-        """Hidden states of ``ids`` (``[B, T]``) at ``positions`` (``[1, T]``) after ``prefix``."""
+        """Hidden states of ``ids`` at ``positions`` (both ``[B, T]``).
+
+        Rows ``begin:end`` of each segment follow its shared prefix (or nothing):
+        a batch may mix the role, unsafe and reference conditions.
+        """
         batch, length = ids.shape
         hidden = self.decoder.embed_tokens(ids)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
-        # [1, T, 1, D]: broadcasts over batch and heads in the [B, T, heads, D] layout.
+        # [B, T, 1, D]: broadcasts over heads in the [B, T, heads, D] layout.
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         for layer in self.layers:
@@ -127,10 +139,7 @@ class FusedLlama:
             qk = _rotary(qkv[:, :, : nq + nkv], cos, sin)
             q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
             v = qkv[:, :, nq + nkv :].transpose(1, 2)
-            if prefix is None:
-                out = attend_causal(q, k, v)
-            else:
-                out = attend_with_prefix(q, k, v, *prefix.layer(layer.index))
+            out = self._attend(layer.index, q, k, v, segments)
             # out is [B, heads, T, D] over a [B, T, heads, D] buffer: this reshape is a view.
             out = out.transpose(1, 2).reshape(batch, length, nq * d)
             hidden.add_(F.linear(out, layer.o, layer.o_bias))
@@ -140,6 +149,26 @@ class FusedLlama:
             act.mul_(gate_up[..., self.intermediate :])
             hidden.add_(F.linear(act, layer.down))
         return self._norm(hidden, self.decoder.norm.weight)
+
+    @staticmethod
+    def _attend(
+        index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[Segment]
+    ) -> torch.Tensor:
+        # The causal part within each row does not depend on the prefix: one call.
+        suffix = attend_causal(q, k, v)
+        if all(prefix is None for _, _, prefix in segments):
+            return suffix[0]
+        out = torch.empty_like(suffix[0])
+        for begin, end, prefix in segments:
+            rows = (suffix[0][begin:end], suffix[1][begin:end])
+            if prefix is None:
+                out[begin:end] = rows[0]
+                continue
+            pk, pv = prefix.layer(index)
+            merged = merge(rows, attend_prefix(q[begin:end], pk, pv), out=out[begin:end])
+            if merged.data_ptr() != out[begin:end].data_ptr():  # bf16 merges out of place
+                out[begin:end] = merged
+        return out
 
 
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -63,13 +63,62 @@ def prefix_attention(
 
 def attend_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of ``[B, heads, T, D]`` queries over ``[B, kv_heads, T, D]`` keys.
 
+    Returns the output ``[B, heads, T, D]`` (a view of a ``[B, T, heads, D]``
+    buffer, as the flash kernel lays it out) and its log-sum-exp ``[B, heads, T]``.
     The CPU flash kernel takes grouped kv heads and strided inputs as they are.
     """
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    return _FLASH(query, key, value, 0.0, True, scale=scale)[0]
+    out, lse = _FLASH(query, key, value, 0.0, True, scale=scale)
+    return out, lse
+
+
+def attend_prefix(
+    query: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``[B, heads, T, D]`` queries over one prefix ``[1, kv_heads, P, D]``.
+
+    Every query row sees the same prefix keys, so the batch folds into one long
+    query per kv head (query head kv * group + j uses kv head kv, repeat_kv's
+    order): one large flash call, no copy of the prefix per row.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = prefix_k.shape[1]
+    group = heads // kv_heads
+    scale = scale if scale is not None else dim**-0.5
+    folded = (
+        query.transpose(1, 2)
+        .reshape(batch, length, kv_heads, group, dim)
+        .permute(2, 0, 1, 3, 4)
+        .reshape(1, kv_heads, batch * length * group, dim)
+    )
+    out, lse = _FLASH(folded, prefix_k, prefix_v, 0.0, False, scale=scale)
+    out = out.view(kv_heads, batch, length, group, dim).permute(1, 0, 3, 2, 4)
+    lse = lse.view(kv_heads, batch, length, group).permute(1, 0, 3, 2)
+    return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
+
+
+def merge(
+    first: tuple[torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over two disjoint key sets, from each one's (output, log-sum-exp).
+
+    Softmax over both = the two partial outputs weighted by their shares of the
+    total mass; sigmoid(lse_2 - lse_1) is the second set's share. ``out``
+    (fp32 only) receives the result in its own layout.
+    """
+    (out_1, lse_1), (out_2, lse_2) = first, second
+    share = torch.sigmoid(lse_2 - lse_1)[..., None]
+    if out_1.dtype != torch.float32:
+        return torch.lerp(out_1.float(), out_2.float(), share).to(out_1.dtype)
+    return torch.lerp(out_1, out_2, share, out=out if out is not None else torch.empty_like(out_1))
 
 
 def attend_with_prefix(
@@ -80,38 +129,13 @@ def attend_with_prefix(
     prefix_v: torch.Tensor,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention over one shared prefix ``[1, kv_heads, P, D]`` plus each row's causal suffix.
+    """Attention over one shared prefix plus each row's causal suffix, ``[B, heads, T, D]``.
 
-    Returns ``[B, heads, T, D]`` (a view of a ``[B, T, heads, D]`` buffer, as
-    the flash kernel lays its output out).
+    The result keeps the suffix output's ``[B, T, heads, D]`` layout, so the
+    caller's reshape to ``[B, T, heads * D]`` is a view.
     """
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    group = heads // kv_heads
-    scale = scale if scale is not None else dim**-0.5
-
-    # Every query row sees the same prefix keys, so the batch folds into one long
-    # query per kv head: query head kv * group + j uses kv head kv (repeat_kv's order).
-    folded = (
-        query.transpose(1, 2)
-        .reshape(batch, length, kv_heads, group, dim)
-        .permute(2, 0, 1, 3, 4)
-        .reshape(1, kv_heads, batch * length * group, dim)
-    )
-    out_p, lse_p = _FLASH(folded, prefix_k, prefix_v, 0.0, False, scale=scale)
-    out_p = out_p.view(kv_heads, batch, length, group, dim).permute(1, 0, 3, 2, 4)
-    out_p = out_p.reshape(batch, heads, length, dim)
-    lse_p = lse_p.view(kv_heads, batch, length, group).permute(1, 0, 3, 2)
-    lse_p = lse_p.reshape(batch, heads, length)
-
-    out_s, lse_s = _FLASH(query, key, value, 0.0, True, scale=scale)
-    # softmax over prefix + suffix = the two partial results weighted by their
-    # shares of the total mass: sigmoid(lse_p - lse_s) is the prefix's share.
-    share = torch.sigmoid(lse_p - lse_s)[..., None]
-    if out_s.dtype != torch.float32:
-        return torch.lerp(out_s.float(), out_p.float(), share).to(out_s.dtype)
-    # Into out_s's [B, T, heads, D] layout, so the caller's reshape is a view.
-    return torch.lerp(out_s, out_p, share, out=torch.empty_like(out_s))
+    suffix = attend_causal(query, key, value, scale)
+    return merge(suffix, attend_prefix(query, prefix_k, prefix_v, scale))
 
 
 def register() -> None:

@@ -17,8 +17,11 @@ temporaries), after a start-up check that it reproduces the module path.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -40,10 +43,42 @@ log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
-# The output projection's blocking (see _label_logprobs): 2048 rows x 1024 columns
-# of fp32 logits is 8 MiB, and 2048 rows keep the matmul near its peak.
-PROJECTION_ROWS = 2048
+# The output projection's blocking (see _label_logprobs): 1024 rows x 1024 columns
+# of fp32 logits is 4 MiB, and 1024 rows keep the matmul near its peak.
+PROJECTION_ROWS = 1024
 VOCAB_SLICE = 1024
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``begin:end`` of a batch: they follow the first ``start`` tokens of ``kv``."""
+
+    begin: int
+    end: int
+    kv: KV | None
+    start: int
+
+    def shared_prefix(self) -> SharedPrefix | None:
+        return SharedPrefix(self.kv, self.start) if self.kv is not None else None
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """Which fast paths reproduce a model's own forward, from the start-up checks."""
+
+    direct_projection: bool
+    shared_prefix_attention: bool
+    fused: FusedLlama | None
+    signature: tuple[int, ...]
+
+
+# Keyed by the loaded model; a model whose parameters were replaced since (moved to
+# another dtype or device, say) has another signature and is checked again.
+_PATHS: weakref.WeakKeyDictionary[Any, _Paths] = weakref.WeakKeyDictionary()
+
+
+def _signature(model: Any) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 def _needed_len(seq: EncodedSequence) -> int:
@@ -73,13 +108,25 @@ class TransformersScorer:
         self.lm_head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._prefix_kv: dict[str, tuple[tuple[int, ...], KV]] = {}
-        self.direct_projection = self._projection_matches_model()
-        self.shared_prefix_attention = (
-            reuse_prefix and self.device.type == "cpu" and self._prefix_attention_matches()
-        )
-        self.fused: FusedLlama | None = None
-        if self.device.type == "cpu" and self.direct_projection and fused_llama.supports(model):
-            self.fused = self._fused_forward()
+        self.shared_prefix_attention = False
+        paths = _PATHS.get(model)
+        if paths is None or paths.signature != _signature(model):
+            paths = self._check_paths()
+            _PATHS[model] = paths
+        self.direct_projection = paths.direct_projection
+        self.shared_prefix_attention = reuse_prefix and paths.shared_prefix_attention
+        self.fused = paths.fused
+
+    def _check_paths(self) -> _Paths:
+        """Run the start-up checks: once per loaded model, since each runs several forwards."""
+        direct = self._projection_matches_model()
+        cpu = self.device.type == "cpu"
+        self.shared_prefix_attention = cpu and self._prefix_attention_matches()
+        fused = None
+        if cpu and direct and fused_llama.supports(self.model):
+            fused = self._fused_forward()
+        # After fusing: the model's projections now point into the fused weights.
+        return _Paths(direct, self.shared_prefix_attention, fused, _signature(self.model))
 
     # -- public -----------------------------------------------------------
     @torch.inference_mode()
@@ -89,19 +136,31 @@ class TransformersScorer:
         on_scored: Callable[[int], None] | None = None,
     ) -> list[ResponseLogprob]:
         results: list[ResponseLogprob | None] = [None] * len(sequences)
-        groups: dict[str | None, list[int]] = defaultdict(list)
+        kvs: dict[str, KV] = {}
+        shared = [0] * len(sequences)
+        keys: list[str | None] = [None] * len(sequences)
         for i, seq in enumerate(sequences):
-            use = self.reuse_prefix and seq.shared_len > 0
-            groups[seq.prefix.key if use else None].append(i)
-        for key, members in groups.items():
-            prefix = sequences[members[0]].prefix if key is not None else None
-            kv = self._kv_for(prefix) if prefix is not None else None
-            shared = {i: (sequences[i].shared_len if kv is not None else 0) for i in members}
+            if self.reuse_prefix and seq.shared_len > 0:
+                if seq.prefix.key not in kvs:
+                    kvs[seq.prefix.key] = self._kv_for(seq.prefix)
+                keys[i], shared[i] = seq.prefix.key, seq.shared_len
+        # The fused forward takes rows of several prefixes in one batch; the module
+        # path takes one prefix per batch.
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for i in range(len(sequences)):
+            groups[None if self.fused is not None else keys[i]].append(i)
+        for members in groups.values():
             # Bucket by the work left per sequence: similar lengths batch together.
             members.sort(key=lambda i: _needed_len(sequences[i]) - shared[i])
             for batch in self._batches(members, sequences, shared):
-                start = min(shared[i] for i in batch)
-                sums = self._score_batch([sequences[i] for i in batch], kv, start)
+                batch.sort(key=lambda i: keys[i] or "")  # each prefix's rows together
+                segments = []
+                for key, rows in groupby(range(len(batch)), key=lambda r: keys[batch[r]]):
+                    rows_list = list(rows)
+                    start = min(shared[batch[r]] for r in rows_list)
+                    kv = kvs[key] if key is not None else None
+                    segments.append(Segment(rows_list[0], rows_list[-1] + 1, kv, start))
+                sums = self._score_batch([sequences[i] for i in batch], segments)
                 for i, s in zip(batch, sums, strict=True):
                     results[i] = ResponseLogprob(sum=s, count=sequences[i].num_response_tokens)
                 if on_scored is not None:
@@ -111,7 +170,7 @@ class TransformersScorer:
 
     # -- batching -----------------------------------------------------------
     def _batches(
-        self, order: list[int], sequences: Sequence[EncodedSequence], shared: dict[int, int]
+        self, order: list[int], sequences: Sequence[EncodedSequence], shared: list[int]
     ) -> list[list[int]]:
         batches: list[list[int]] = []
         current: list[int] = []
@@ -172,15 +231,19 @@ class TransformersScorer:
         return DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     # -- the forward -----------------------------------------------------------
-    def _score_batch(self, batch: list[EncodedSequence], kv: KV | None, start: int) -> list[float]:
-        width = max(_needed_len(s) for s in batch) - start
+    def _score_batch(self, batch: list[EncodedSequence], segments: list[Segment]) -> list[float]:
+        """Sum of response log-probs per sequence; each segment's rows follow its prefix."""
+        starts = [0] * len(batch)
+        for seg in segments:
+            starts[seg.begin : seg.end] = [seg.start] * (seg.end - seg.begin)
+        width = max(_needed_len(s) - st for s, st in zip(batch, starts, strict=True))
         pad = self.model.config.pad_token_id
         pad = 0 if pad is None else int(pad)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         rows: list[int] = []
         cols: list[int] = []
         labels: list[int] = []
-        for r, seq in enumerate(batch):
+        for r, (seq, start) in enumerate(zip(batch, starts, strict=True)):
             suffix = seq.token_ids[start : _needed_len(seq)]
             ids[r, : len(suffix)] = torch.tensor(suffix)
             for s, e in seq.response_spans:
@@ -189,22 +252,29 @@ class TransformersScorer:
                 cols += range(s - 1 - start, e - 1 - start)
                 labels += seq.token_ids[s:e]
         ids = ids.to(self.device)
-        positions = torch.arange(start, start + width, device=self.device)[None]
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(
+            width, device=self.device
+        )
         row_t = torch.tensor(rows, device=self.device)
         col_t = torch.tensor(cols, device=self.device)
         label_t = torch.tensor(labels, device=self.device)
-        prefix = kv if start > 0 else None
         if self.fused is not None:
-            shared = SharedPrefix(prefix, start) if prefix is not None else None
-            hidden = self.fused.forward(ids, positions, shared)
-            token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
-        elif self.direct_projection:
-            hidden = self._run(self.decoder, ids, positions, prefix, start).last_hidden_state
+            parts = [(seg.begin, seg.end, seg.shared_prefix()) for seg in segments]
+            hidden = self.fused.forward(ids, positions, parts)
             token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
         else:
-            logits = self._run(self.model, ids, positions, prefix, start).logits[row_t, col_t]
-            logits = logits.float()
-            token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+            (seg,) = segments  # the module path runs one prefix per batch
+            prefix = seg.kv if seg.start > 0 else None
+            positions = positions[:1]
+            if self.direct_projection:
+                hidden = self._run(self.decoder, ids, positions, prefix, seg.start)
+                token_lp = self._label_logprobs(hidden.last_hidden_state[row_t, col_t], label_t)
+            else:
+                out = self._run(self.model, ids, positions, prefix, seg.start)
+                logits = out.logits[row_t, col_t].float()
+                token_lp = logits.gather(1, label_t[:, None]).squeeze(1) - torch.logsumexp(
+                    logits, -1
+                )
         sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         sums.index_add_(0, row_t, token_lp.double())
         return sums.tolist()
@@ -306,8 +376,9 @@ class TransformersScorer:
         whole = self.decoder(input_ids=suffix).last_hidden_state
         try:
             fused = FusedLlama(self.model)
-            fast = fused.forward(suffix, positions, SharedPrefix(kv, 12))
-            fast_whole = fused.forward(suffix, torch.arange(5, device=self.device)[None], None)
+            rows = positions.expand(2, -1)
+            fast = fused.forward(suffix, rows, [(0, 2, SharedPrefix(kv, 12))])
+            fast_whole = fused.forward(suffix, rows - 12, [(0, 2, None)])
         except Exception as exc:  # a layer this forward does not know
             log.warning("fused forward unavailable (%s); using the module path", exc)
             return None
