@@ -1,15 +1,13 @@
 """Attention over one cached prefix shared by a batch, plus each row's causal suffix.
 
-The plain cache path copies the prefix keys into every batch row and runs
-masked attention over prefix + suffix. Here the prefix part is a single
-unmasked flash-attention call with the batch folded into the query length
-(every row sees the same prefix keys), the suffix part is causal flash
-attention within each row, and the two halves are merged through their
-log-sum-exps. The result is the same softmax attention, without the copies and
-without mask tensors.
+One flash-attention call per batch: each row's keys are the prefix's (shared,
+expanded) followed by its own, under an additive mask that opens the whole
+prefix and the causal part of the suffix. The transformers cache path builds
+the same keys through per-layer cache concatenation and a 4-D mask per batch;
+this skips both.
 
-Registered with transformers' attention interface under ``ATTENTION_NAME`` and
-used only on CPU, where the flash kernel returns its log-sum-exp.
+Registered with transformers' attention interface under ``ATTENTION_NAME`` for
+the module path, and called directly by the fused forward; CPU only.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ class SharedPrefix:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.kv[index]
-        return k[:, :, : self.length].contiguous(), v[:, :, : self.length].contiguous()
+        return k[:, :, : self.length], v[:, :, : self.length]
 
 
 def prefix_attention(
@@ -63,62 +61,24 @@ def prefix_attention(
 
 def attend_causal(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Causal attention of ``[B, heads, T, D]`` queries over ``[B, kv_heads, T, D]`` keys.
 
-    Returns the output ``[B, heads, T, D]`` (a view of a ``[B, T, heads, D]``
-    buffer, as the flash kernel lays it out) and its log-sum-exp ``[B, heads, T]``.
-    The CPU flash kernel takes grouped kv heads and strided inputs as they are.
+    Returns ``[B, heads, T, D]``, a view of a ``[B, T, heads, D]`` buffer (the
+    flash kernel's layout). The kernel takes grouped kv heads and strided inputs.
     """
     scale = scale if scale is not None else query.shape[-1] ** -0.5
-    out, lse = _FLASH(query, key, value, 0.0, True, scale=scale)
-    return out, lse
+    return _FLASH(query, key, value, 0.0, True, scale=scale)[0]
 
 
-def attend_prefix(
-    query: torch.Tensor,
-    prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``[B, heads, T, D]`` queries over one prefix ``[1, kv_heads, P, D]``.
-
-    Every query row sees the same prefix keys, so the batch folds into one long
-    query per kv head (query head kv * group + j uses kv head kv, repeat_kv's
-    order): one large flash call, no copy of the prefix per row.
-    """
-    batch, heads, length, dim = query.shape
-    kv_heads = prefix_k.shape[1]
-    group = heads // kv_heads
-    scale = scale if scale is not None else dim**-0.5
-    folded = (
-        query.transpose(1, 2)
-        .reshape(batch, length, kv_heads, group, dim)
-        .permute(2, 0, 1, 3, 4)
-        .reshape(1, kv_heads, batch * length * group, dim)
-    )
-    out, lse = _FLASH(folded, prefix_k, prefix_v, 0.0, False, scale=scale)
-    out = out.view(kv_heads, batch, length, group, dim).permute(1, 0, 3, 2, 4)
-    lse = lse.view(kv_heads, batch, length, group).permute(1, 0, 3, 2)
-    return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)
-
-
-def merge(
-    first: tuple[torch.Tensor, torch.Tensor],
-    second: tuple[torch.Tensor, torch.Tensor],
-    out: torch.Tensor | None = None,
+def prefix_causal_mask(
+    prefix_len: int, length: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Attention over two disjoint key sets, from each one's (output, log-sum-exp).
-
-    Softmax over both = the two partial outputs weighted by their shares of the
-    total mass; sigmoid(lse_2 - lse_1) is the second set's share. ``out``
-    (fp32 only) receives the result in its own layout.
-    """
-    (out_1, lse_1), (out_2, lse_2) = first, second
-    share = torch.sigmoid(lse_2 - lse_1)[..., None]
-    if out_1.dtype != torch.float32:
-        return torch.lerp(out_1.float(), out_2.float(), share).to(out_1.dtype)
-    return torch.lerp(out_1, out_2, share, out=out if out is not None else torch.empty_like(out_1))
+    """``[T, P + T]`` additive mask: every query sees the prefix and its suffix up to itself."""
+    mask = torch.zeros(length, prefix_len + length, dtype=dtype, device=device)
+    causal = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu(1)
+    mask[:, prefix_len:] = causal
+    return mask
 
 
 def attend_with_prefix(
@@ -128,14 +88,21 @@ def attend_with_prefix(
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over one shared prefix plus each row's causal suffix, ``[B, heads, T, D]``.
+    """Attention over a prefix ``[1, kv_heads, P, D]`` shared by the batch, then causal.
 
-    The result keeps the suffix output's ``[B, T, heads, D]`` layout, so the
-    caller's reshape to ``[B, T, heads * D]`` is a view.
+    Returns ``[B, heads, T, D]`` in the flash kernel's ``[B, T, heads, D]`` layout.
+    ``mask`` is ``prefix_causal_mask(P, T, ...)``, built here if not given.
     """
-    suffix = attend_causal(query, key, value, scale)
-    return merge(suffix, attend_prefix(query, prefix_k, prefix_v, scale))
+    batch, _, length, dim = query.shape
+    scale = scale if scale is not None else dim**-0.5
+    prefix_len = prefix_k.shape[2]
+    keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), key], dim=2)
+    values = torch.cat([prefix_v.expand(batch, -1, -1, -1), value], dim=2)
+    if mask is None:
+        mask = prefix_causal_mask(prefix_len, length, query.dtype, query.device)
+    return _FLASH(query, keys, values, 0.0, False, attn_mask=mask, scale=scale)[0]
 
 
 def register() -> None:

@@ -25,7 +25,6 @@ from itertools import groupby
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
@@ -295,13 +294,19 @@ class TransformersScorer:
         for i in range(0, len(labels), PROJECTION_ROWS):
             h, lab = hidden[i : i + PROJECTION_ROWS], labels[i : i + PROJECTION_ROWS]
             lse = torch.empty(len(slices), len(h), dtype=torch.float32, device=hidden.device)
+            buffer = h.new_empty(len(h) * VOCAB_SLICE)  # reused: no fresh pages per slice
             for j, v in enumerate(slices):
-                b = None if bias is None else bias[v : v + VOCAB_SLICE]
-                logits = self._softcap(F.linear(h, weight[v : v + VOCAB_SLICE], b).float())
-                torch.logsumexp(logits, dim=-1, out=lse[j])
+                w = weight[v : v + VOCAB_SLICE]
+                logits = torch.mm(h, w.t(), out=buffer[: len(h) * len(w)].view(len(h), len(w)))
+                if bias is not None:
+                    logits += bias[v : v + VOCAB_SLICE]
+                lse[j] = _logsumexp_(self._softcap(logits.float()))
             picked = (h.float() * weight[lab].float()).sum(-1)
             if bias is not None:
                 picked += bias[lab].float()
+            if weight.dtype != torch.float32:
+                # As the matmul rounds its output: the label logit enters the sum rounded.
+                picked = picked.to(weight.dtype).float()
             out[i : i + PROJECTION_ROWS] = self._softcap(picked) - torch.logsumexp(lse, dim=0)
         return out
 
@@ -396,6 +401,13 @@ class TransformersScorer:
         suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
         positions = torch.arange(12, 17, device=self.device)[None]
         return suffix, positions, kv
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the last dim, overwriting ``x``: no temporaries the size of ``x``."""
+    top = x.amax(dim=-1, keepdim=True)
+    total = x.sub_(top).exp_().sum(dim=-1)
+    return total.log_().add_(top.squeeze(-1))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
