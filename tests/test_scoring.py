@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import (
     ALL_CONDITIONS,
@@ -25,7 +26,7 @@ from worker.prompts import Condition, RolePrompts
 from worker.results import SampleScores
 from worker.scoring.base import ResponseLogprob
 from worker.scoring.engine import score_samples
-from worker.scoring.transformers_backend import TransformersScorer
+from worker.scoring.transformers_backend import TransformersScorer, _shifted_logprobs
 
 TOL = 1e-4  # fp32: the engine must give the reference's mean log-probs to this
 BUNDLED_ROWS = 8  # rows scored with the real model (each full forward takes ~0.5 s on 2 cores)
@@ -413,6 +414,28 @@ def test_tiny_model_is_context_sensitive(tiny_reference: Means) -> None:
         for i, _ in tiny_reference
     ]
     assert min(gaps) > 10 * TOL, gaps
+
+
+def test_output_projection_paths_match_log_softmax(tiny_model: Any) -> None:
+    """Label log-probs from vocabulary slices equal a full log-softmax, on both paths.
+
+    Ordinary logits take the label-shifted sum; logits spread past exp's fp32 range
+    (here the hidden states times 500) overflow it, and the exact path answers.
+    """
+    scorer = TransformersScorer(tiny_model)
+    weight = scorer.lm_head.weight
+    torch.manual_seed(7)
+    hidden = torch.randn(40, weight.shape[1])
+    labels = torch.randint(0, weight.shape[0], (40,))
+    for h, tolerance in ((hidden, TOL), (hidden * 500, 1e-2)):
+        with torch.inference_mode():
+            want = torch.log_softmax(scorer.lm_head(h), -1).gather(1, labels[:, None])[:, 0]
+            got = scorer._label_logprobs(h, labels)
+        assert float((got - want).abs().max()) <= tolerance
+    with torch.inference_mode():
+        assert _shifted_logprobs(hidden, labels, weight) is not None
+        assert _shifted_logprobs(hidden * 500, labels, weight) is None
+        assert float(want.min()) < -100  # the second case really is out of range
 
 
 # --- 5. score_samples ---------------------------------------------------------------------------

@@ -125,19 +125,27 @@ class FusedLlama:
         return torch.mul(x, weight).mul_(scale)
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, segments: list[Segment]
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        segments: list[Segment],
+        keep_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Hidden states of ``ids`` at ``positions`` (both ``[B, T]``).
 
         Rows ``begin:end`` of each segment follow its shared prefix (or nothing):
-        a batch may mix the role, unsafe and reference conditions.
+        a batch may mix the role, unsafe and reference conditions. ``keep_kv``
+        receives each layer's keys and values ``[B, kv_heads, T, D]`` of ``ids``
+        (to cache a prefix).
         """
         batch, length = ids.shape
         tokens = batch * length
         hidden = self.decoder.embed_tokens(ids).view(tokens, -1)
         cos, sin = self.decoder.rotary_emb(hidden, positions)
         # [B, T, 1, D]: broadcasts over heads in the [B, T, heads, D] layout.
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        cos, signed_sin = cos[:, :, None, :], signed_sin[:, :, None, :]
         nq, nkv, d = self.heads, self.kv_heads, self.head_dim
         masks = [
             None
@@ -155,9 +163,11 @@ class FusedLlama:
             x = self._norm(hidden, layer.attn_norm)
             qkv = _linear(x, layer.qkv, layer.qkv_bias, qkv_out)
             qkv = qkv.view(batch, length, nq + 2 * nkv, d)
-            qk = _rotary(qkv[:, :, : nq + nkv], cos, sin)
+            qk = _rotary(qkv[:, :, : nq + nkv], cos, signed_sin)
             q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
             v = qkv[:, :, nq + nkv :].transpose(1, 2)
+            if keep_kv is not None:  # copies: qkv's buffer is reused by the next layer
+                keep_kv.append((k.contiguous(), v.contiguous()))
             out = self._attend(layer.index, q, k, v, segments, masks)
             # out is [B, heads, T, D] over a [B, T, heads, D] buffer: this reshape is a view.
             out = out.transpose(1, 2).reshape(tokens, nq * d)
@@ -201,11 +211,14 @@ def _linear(
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, into one fresh contiguous buffer."""
+def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, into one fresh contiguous buffer, in two passes.
+
+    rotate_half(x) = [-x2, x1], so with ``signed_sin`` = [-sin1, sin2] each half
+    of the output is x_i * cos_i plus the other half times its signed sine.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.empty_like(x, memory_format=torch.contiguous_format)
-    torch.neg(x[..., half:], out=rotated[..., :half])
-    rotated[..., half:] = x[..., :half]
-    rotated.mul_(sin)
-    return rotated.addcmul_(x, cos)
+    out = torch.mul(x, cos, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    out[..., :half].addcmul_(x[..., half:], signed_sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], signed_sin[..., half:])
+    return out

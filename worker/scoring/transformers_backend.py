@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
-# The output projection's blocking (see _label_logprobs): 1024 rows x 1024 columns
-# of fp32 logits is 4 MiB, and 1024 rows keep the matmul near its peak.
-PROJECTION_ROWS = 1024
-VOCAB_SLICE = 1024
+# The output projection's blocking (see _label_logprobs): 2048 rows x 2048 columns
+# of fp32 logits is 16 MiB, and slices this wide keep the matmul near its peak.
+PROJECTION_ROWS = 2048
+VOCAB_SLICE = 2048
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class TransformersScorer:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._prefix_kv: dict[str, tuple[tuple[int, ...], KV]] = {}
         self.shared_prefix_attention = False
+        self.fused: FusedLlama | None = None  # the checks below run on the module path
         paths = _PATHS.get(model)
         if paths is None or paths.signature != _signature(model):
             paths = self._check_paths()
@@ -203,22 +204,32 @@ class TransformersScorer:
             # Wholly inside a cached prefix (both cut by max_prompt_tokens, say).
             kv = [(k[:, :, :total], v[:, :, :total]) for k, v in best_kv]
         else:
-            past = (
-                self._cache_from(best_kv, best_len, 1)
-                if best_kv is not None
-                else DynamicCache(config=self.model.config)
-            )
-            tail = torch.tensor([prefix.token_ids[best_len:]], dtype=torch.long)
-            out = self.decoder(
-                input_ids=tail.to(self.device),
-                cache=past,
-                position_ids=torch.arange(best_len, total, device=self.device)[None],
-                use_cache=True,
-            )
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            tail = torch.tensor([prefix.token_ids[best_len:]], dtype=torch.long, device=self.device)
+            kv = self._extend_kv(tail, best_kv, best_len)
         self._prefix_kv[prefix.key] = (prefix.token_ids, kv)
         log.debug("prefix %s: %d tokens, %d reused", prefix.key, total, best_len)
         return kv
+
+    def _extend_kv(self, tail: torch.Tensor, kv: KV | None, length: int) -> KV:
+        """Keys and values of the first ``length`` tokens of ``kv`` followed by ``tail``."""
+        positions = torch.arange(length, length + tail.shape[1], device=self.device)[None]
+        if self.fused is None:
+            past = (
+                self._cache_from(kv, length, 1)
+                if kv is not None
+                else DynamicCache(config=self.model.config)
+            )
+            out = self.decoder(input_ids=tail, cache=past, position_ids=positions, use_cache=True)
+            return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        new: KV = []
+        shared = SharedPrefix(kv, length) if kv is not None else None
+        self.fused.forward(tail, positions, [(0, 1, shared)], keep_kv=new)
+        if kv is None:
+            return new
+        return [
+            (torch.cat([k0[:, :, :length], k], 2), torch.cat([v0[:, :, :length], v], 2))
+            for (k0, v0), (k, v) in zip(kv, new, strict=True)
+        ]
 
     def _cache_from(self, kv: KV, length: int, batch: int) -> DynamicCache:
         # expand() is a view: the cached tensors are never written, since the
@@ -281,34 +292,40 @@ class TransformersScorer:
     def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """log p(label) at each row of ``hidden``: the label's logit minus the log-sum-exp.
 
-        The log-sum-exp runs over vocabulary slices of ``VOCAB_SLICE`` columns for
-        up to ``PROJECTION_ROWS`` rows at a time, combined at the end: a slice's
-        logits stay in cache while they are reduced, where full-vocabulary logits
-        (positions x vocab x 4 bytes, 260 MB for SmolLM2 at batch 16) would go
-        to memory and back several times. Memory stays bounded whatever the vocabulary.
+        Up to ``PROJECTION_ROWS`` rows at a time, the logits are made one slice of
+        ``VOCAB_SLICE`` vocabulary columns at a time into one reused buffer and
+        reduced while in cache, where full-vocabulary logits (positions x vocab x
+        4 bytes, 260 MB for SmolLM2 at batch 16) would go to memory and back
+        several times. Memory stays bounded whatever the vocabulary.
         """
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        vocab = weight.shape[0]
-        slices = range(0, vocab, VOCAB_SLICE)
+        weight = self.lm_head.weight
+        plain = weight.dtype == torch.float32 and self.lm_head.bias is None and not self.softcap
         out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
         for i in range(0, len(labels), PROJECTION_ROWS):
             h, lab = hidden[i : i + PROJECTION_ROWS], labels[i : i + PROJECTION_ROWS]
-            lse = torch.empty(len(slices), len(h), dtype=torch.float32, device=hidden.device)
-            buffer = h.new_empty(len(h) * VOCAB_SLICE)  # reused: no fresh pages per slice
-            for j, v in enumerate(slices):
-                w = weight[v : v + VOCAB_SLICE]
-                logits = torch.mm(h, w.t(), out=buffer[: len(h) * len(w)].view(len(h), len(w)))
-                if bias is not None:
-                    logits += bias[v : v + VOCAB_SLICE]
-                lse[j] = _logsumexp_(self._softcap(logits.float()))
-            picked = (h.float() * weight[lab].float()).sum(-1)
-            if bias is not None:
-                picked += bias[lab].float()
-            if weight.dtype != torch.float32:
-                # As the matmul rounds its output: the label logit enters the sum rounded.
-                picked = picked.to(weight.dtype).float()
-            out[i : i + PROJECTION_ROWS] = self._softcap(picked) - torch.logsumexp(lse, dim=0)
+            lp = _shifted_logprobs(h, lab, weight) if plain else None
+            out[i : i + PROJECTION_ROWS] = lp if lp is not None else self._exact_logprobs(h, lab)
         return out
+
+    def _exact_logprobs(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each slice's log-sum-exp shifted by its own row maxima, then combined."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        slices = range(0, weight.shape[0], VOCAB_SLICE)
+        lse = torch.empty(len(slices), len(h), dtype=torch.float32, device=h.device)
+        buffer = h.new_empty(len(h) * VOCAB_SLICE)
+        for j, v in enumerate(slices):
+            w = weight[v : v + VOCAB_SLICE]
+            logits = torch.mm(h, w.t(), out=buffer[: len(h) * len(w)].view(len(h), len(w)))
+            if bias is not None:
+                logits += bias[v : v + VOCAB_SLICE]
+            lse[j] = _logsumexp_(self._softcap(logits.float()))
+        picked = (h.float() * weight[labels].float()).sum(-1)
+        if bias is not None:
+            picked += bias[labels].float()
+        if weight.dtype != torch.float32:
+            # As the matmul rounds its output: the label logit enters the sum rounded.
+            picked = picked.to(weight.dtype).float()
+        return self._softcap(picked) - torch.logsumexp(lse, dim=0)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:
@@ -401,6 +418,29 @@ class TransformersScorer:
         suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
         positions = torch.arange(12, 17, device=self.device)[None]
         return suffix, positions, kv
+
+
+def _shifted_logprobs(
+    h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor | None:
+    """-log sum_v exp(logit_v - logit_label): the label's own logit is the shift.
+
+    The matmul subtracts it as it writes each slice, so a slice costs one exp
+    and one sum and no max pass. The sum is at least 1 (the label's own term),
+    so it cannot underflow; it overflows only where some logit exceeds the
+    label's by more than fp32's exp range (~88), and then the caller takes the
+    exact path (None).
+    """
+    shift = (h * weight[labels]).sum(-1).neg_()[:, None]
+    total = torch.zeros(len(h), dtype=torch.float32, device=h.device)
+    buffer = h.new_empty(len(h) * VOCAB_SLICE)
+    for v in range(0, weight.shape[0], VOCAB_SLICE):
+        w = weight[v : v + VOCAB_SLICE]
+        logits = buffer[: len(h) * len(w)].view(len(h), len(w))
+        total += torch.addmm(shift, h, w.t(), out=logits).exp_().sum(-1)
+    if not bool(torch.isfinite(total).all()):
+        return None
+    return total.log_().neg_()
 
 
 def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
