@@ -5,7 +5,10 @@
 Naive = what the reference code does per sample: one full forward per sample
 and condition, logits over the whole vocabulary at every position, fp32. The
 engine = prefix KV reuse, length-bucketed batches, projection at response
-positions only. Both compute all three conditions on the same token ids.
+positions only, and on CPU the fused Llama forward (worker/scoring/fused_llama.py).
+Both compute all three conditions on the same token ids. The engine's one-time
+start-up checks (once per loaded model, as in a worker) fall in its warm-up;
+its prefix computations are timed.
 
 FLOPs count only the work a method needs: 2 x transformer-block parameters x
 tokens it runs, plus 2 x vocabulary x hidden size x positions it projects.
