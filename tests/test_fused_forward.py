@@ -129,3 +129,16 @@ def test_a_forward_that_disagrees_falls_back(
     monkeypatch.setattr(fused_llama, "_rotary", wrong)
     scorer = check_against_full_forward(model, tiny_tokenizer, sarft_prompts, rolebench_rows[:2])
     assert scorer.fused is None
+
+
+def test_forward_runs_outside_inference_mode(tiny_tokenizer: Any) -> None:
+    """Weights that require grad (as loaded) must not trip the matmuls that write in place."""
+    model = tiny("llama", len(tiny_tokenizer))
+    scorer = TransformersScorer(model)
+    assert scorer.fused is not None
+    assert all(p.requires_grad for p in model.parameters())
+    ids = torch.arange(5, 17).reshape(2, 6)
+    hidden = scorer.fused.forward(ids, torch.arange(6).expand(2, -1), [(0, 2, None)])
+    with torch.inference_mode():
+        want = model.model(input_ids=ids).last_hidden_state
+    assert float((hidden - want).abs().max()) <= 1e-4 * float(want.abs().max())

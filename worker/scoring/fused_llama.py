@@ -124,6 +124,7 @@ class FusedLlama:
         scale = norm.square_().div_(x.shape[-1]).add_(self.eps).rsqrt_()
         return torch.mul(x, weight).mul_(scale)
 
+    @torch.inference_mode()  # out= matmuls refuse weights that require grad otherwise
     def forward(
         self,
         ids: torch.Tensor,
