@@ -208,6 +208,20 @@ def tiny_tokenizer(bundled_model_dir: Path) -> Any:
     return tokenizer
 
 
+# Tiny random decoders: 2 layers, grouped kv heads, and a larger init range than the
+# default so outputs depend visibly on the context (a wrong position or a stale cache
+# shows up well above the test tolerances).
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "initializer_range": 0.2,
+    "tie_word_embeddings": False,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer: Any) -> Any:
     """A tiny random Llama in fp32 over the bundled vocabulary.
@@ -218,18 +232,12 @@ def tiny_model(tiny_tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
+        **TINY_SHAPE,
         vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
-        initializer_range=0.2,
         pad_token_id=tiny_tokenizer.pad_token_id,
         bos_token_id=tiny_tokenizer.bos_token_id,
         eos_token_id=tiny_tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
     torch.manual_seed(1234)
     model: Any = LlamaForCausalLM(config)

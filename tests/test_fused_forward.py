@@ -7,11 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import ALL_CONDITIONS, reference_span_sum
+from tests.conftest import ALL_CONDITIONS, TINY_SHAPE, reference_span_sum
 from worker.encoding import ChatEncoder
 from worker.formats import Sample
 from worker.prompts import RolePrompts
 from worker.scoring import fused_llama
+from worker.scoring.fused_llama import Segment
 from worker.scoring.transformers_backend import TransformersScorer
 
 TOL = 1e-4
@@ -21,17 +22,7 @@ def tiny(kind: str, vocab: int, **overrides: Any) -> Any:
     """A 2-layer random model of ``kind`` with visible context effects and random biases."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    shape: dict[str, Any] = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-    shape.update(overrides)
+    shape: dict[str, Any] = {**TINY_SHAPE, "vocab_size": vocab, **overrides}
     torch.manual_seed(99)
     if kind == "qwen2":
         model: Any = Qwen2ForCausalLM(Qwen2Config(**shape))
@@ -138,7 +129,7 @@ def test_forward_runs_outside_inference_mode(tiny_tokenizer: Any) -> None:
     assert scorer.fused is not None
     assert all(p.requires_grad for p in model.parameters())
     ids = torch.arange(5, 17).reshape(2, 6)
-    hidden = scorer.fused.forward(ids, torch.arange(6).expand(2, -1), [(0, 2, None)])
+    hidden = scorer.fused.forward(ids, torch.arange(6).expand(2, -1), [Segment(0, 2, None)])
     with torch.inference_mode():
         want = model.model(input_ids=ids).last_hidden_state
     assert float((hidden - want).abs().max()) <= 1e-4 * float(want.abs().max())

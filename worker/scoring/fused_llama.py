@@ -8,8 +8,8 @@ against the model's own forward before using it), arranged for 2 busy cores:
   stored twice and the model keeps working as before;
 - the activation, residual adds and rotary run in place or into one buffer
   instead of the several temporaries of the module code;
-- attention over a shared prefix uses the prefix keys once for the whole batch
-  (``prefix_attention.attend``), never copied per row.
+- attention after a shared prefix is one masked flash call per prefix
+  (``prefix_attention.attend_with_prefix``), with no cache objects or 4-D masks.
 
 Only decoders whose layers are exactly norm -> attention -> residual -> norm
 -> gated MLP -> residual (Llama, Mistral without sliding window, Qwen2) qualify;
@@ -19,7 +19,7 @@ anything else keeps the module path.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,19 @@ from worker.scoring.prefix_attention import (
     prefix_causal_mask,
 )
 
-# Rows begin:end of a batch and the prefix they follow (None: no prefix).
-Segment = tuple[int, int, SharedPrefix | None]
+
+class Segment(NamedTuple):
+    """Rows ``begin:end`` of a batch and the cached prefix they follow (None: none)."""
+
+    begin: int
+    end: int
+    prefix: SharedPrefix | None
+
+    @property
+    def start(self) -> int:
+        """Position of the rows' first token: the prefix length."""
+        return self.prefix.length if self.prefix is not None else 0
+
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 
@@ -61,8 +72,11 @@ def supports(model: Any) -> bool:
     sliding = getattr(config, "sliding_window", None)
     if sliding is not None and getattr(config, "use_sliding_window", True):
         return False
-    return all(type(layer).__name__ in SUPPORTED_LAYERS for layer in layers) and not any(
-        getattr(layer.mlp, "bias", False) or layer.mlp.down_proj.bias is not None
+    # The MLP runs without biases (Llama's mlp_bias would give all three projections one).
+    return all(
+        type(layer).__name__ in SUPPORTED_LAYERS
+        and layer.mlp.gate_proj.bias is None
+        and layer.mlp.down_proj.bias is None
         for layer in layers
     )
 
@@ -85,7 +99,7 @@ def _fuse(modules: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class FusedLlama:
-    """``forward(ids, positions, prefix)`` -> final-normed hidden states ``[B, T, H]``."""
+    """``forward(ids, positions, segments)`` -> final-normed hidden states ``[B, T, H]``."""
 
     def __init__(self, model: Any) -> None:
         config = model.config

@@ -1,10 +1,10 @@
 """Attention over one cached prefix shared by a batch, plus each row's causal suffix.
 
 One flash-attention call per batch: each row's keys are the prefix's (shared,
-expanded) followed by its own, under an additive mask that opens the whole
-prefix and the causal part of the suffix. The transformers cache path builds
-the same keys through per-layer cache concatenation and a 4-D mask per batch;
-this skips both.
+expanded) followed by its own, under one ``[T, P + T]`` additive mask that opens
+the whole prefix and the causal part of the suffix. The transformers cache path
+builds the same keys through a cache object and a 4-D mask per batch; this
+needs neither.
 
 Registered with transformers' attention interface under ``ATTENTION_NAME`` for
 the module path, and called directly by the fused forward; CPU only.

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
 from worker.scoring import fused_llama
 from worker.scoring.base import ResponseLogprob
-from worker.scoring.fused_llama import FusedLlama
+from worker.scoring.fused_llama import FusedLlama, Segment
 from worker.scoring.prefix_attention import (
     ATTENTION_NAME,
     SharedPrefix,
@@ -46,19 +46,6 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 # of fp32 logits is 16 MiB, and slices this wide keep the matmul near its peak.
 PROJECTION_ROWS = 2048
 VOCAB_SLICE = 2048
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows ``begin:end`` of a batch: they follow the first ``start`` tokens of ``kv``."""
-
-    begin: int
-    end: int
-    kv: KV | None
-    start: int
-
-    def shared_prefix(self) -> SharedPrefix | None:
-        return SharedPrefix(self.kv, self.start) if self.kv is not None else None
 
 
 @dataclass(frozen=True)
@@ -158,8 +145,8 @@ class TransformersScorer:
                 for key, rows in groupby(range(len(batch)), key=lambda r: keys[batch[r]]):
                     rows_list = list(rows)
                     start = min(shared[batch[r]] for r in rows_list)
-                    kv = kvs[key] if key is not None else None
-                    segments.append(Segment(rows_list[0], rows_list[-1] + 1, kv, start))
+                    prefix = SharedPrefix(kvs[key], start) if key is not None else None
+                    segments.append(Segment(rows_list[0], rows_list[-1] + 1, prefix))
                 sums = self._score_batch([sequences[i] for i in batch], segments)
                 for i, s in zip(batch, sums, strict=True):
                     results[i] = ResponseLogprob(sum=s, count=sequences[i].num_response_tokens)
@@ -223,7 +210,7 @@ class TransformersScorer:
             return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         new: KV = []
         shared = SharedPrefix(kv, length) if kv is not None else None
-        self.fused.forward(tail, positions, [(0, 1, shared)], keep_kv=new)
+        self.fused.forward(tail, positions, [Segment(0, 1, shared)], keep_kv=new)
         if kv is None:
             return new
         return [
@@ -269,12 +256,11 @@ class TransformersScorer:
         col_t = torch.tensor(cols, device=self.device)
         label_t = torch.tensor(labels, device=self.device)
         if self.fused is not None:
-            parts = [(seg.begin, seg.end, seg.shared_prefix()) for seg in segments]
-            hidden = self.fused.forward(ids, positions, parts)
+            hidden = self.fused.forward(ids, positions, segments)
             token_lp = self._label_logprobs(hidden[row_t, col_t], label_t)
         else:
             (seg,) = segments  # the module path runs one prefix per batch
-            prefix = seg.kv if seg.start > 0 else None
+            prefix = seg.prefix.kv if seg.prefix is not None else None
             positions = positions[:1]
             if self.direct_projection:
                 hidden = self._run(self.decoder, ids, positions, prefix, seg.start)
@@ -399,8 +385,8 @@ class TransformersScorer:
         try:
             fused = FusedLlama(self.model)
             rows = positions.expand(2, -1)
-            fast = fused.forward(suffix, rows, [(0, 2, SharedPrefix(kv, 12))])
-            fast_whole = fused.forward(suffix, rows - 12, [(0, 2, None)])
+            fast = fused.forward(suffix, rows, [Segment(0, 2, SharedPrefix(kv, 12))])
+            fast_whole = fused.forward(suffix, rows - 12, [Segment(0, 2, None)])
         except Exception as exc:  # a layer this forward does not know
             log.warning("fused forward unavailable (%s); using the module path", exc)
             return None
