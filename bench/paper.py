@@ -59,9 +59,9 @@ from trainer.config import DTYPES, DType, LoraSettings, Method, TrainConfig
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
 from trainer.evaluate import EvalResult, evaluate_model
 from trainer.refusal import PhraseJudge
-from trainer.train import train
+from trainer.train import fine_tune
 from worker.formats import DatasetFormat, Sample, iter_samples
-from worker.models import load_model
+from worker.model_loader import load_model
 from worker.prompts import RolePrompts
 from worker.score_file import ScoreConfig, score_file
 
@@ -214,7 +214,7 @@ def main() -> None:
     for method, name in METHODS:
         loaded = load_model()  # a fresh base: training changes the model in place
         start = time.perf_counter()
-        trained = train(
+        trained = fine_tune(
             loaded.model,
             loaded.tokenizer,
             train_samples,

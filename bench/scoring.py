@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
 from worker.encoding import ChatEncoder, EncodedSequence
 from worker.formats import Message, Sample
-from worker.models import load_model
+from worker.model_loader import load_model
 from worker.prompts import Condition, RolePrompts
 from worker.scoring.transformers_backend import TransformersScorer, _needed_len
 

@@ -6,18 +6,18 @@
 
 Both methods train the bundled SmolLM2-135M-Instruct on the same batch: the first
 --batch-size RoleBench rows of --role (default "John Doe", the Se7en killer) encoded under
-SaRFT's role prompt, exactly as `trainer.train` encodes them. The RDS flags are fixed rather
-than scored: every other sample (indices 0, 2, 4, ...) is flagged, so half of the batch
+SaRFT's role prompt, exactly as `trainer.train.fine_tune` encodes them. The RDS flags are fixed
+rather than scored: every other sample (indices 0, 2, 4, ...) is flagged, so half of the batch
 carries the KL anchor. `sft` ignores the flags, as `select_kl_subset` does. The batch is
 passed in that interleaved order; how the micro-batches are made of it is the trainer's
 business (it may, for one, put the flagged rows together).
 
 What is timed: whole optimizer steps through `trainer.train._optimizer_step` (every
 micro-batch's forward, the reference forward for `sarft`, the loss, backward, gradient
-clipping, AdamW), set up by `trainer.train._prepare` as `train()` does (LoRA: a PeftModel
+clipping, AdamW), set up by `trainer.train._prepare` as `fine_tune()` does (LoRA: a PeftModel
 whose reference is the base with the adapter disabled; full: a frozen deep copy as the
 reference; the model is prepared once per mode, with the `sarft` settings, so the copy is
-there during `sft` steps too, although `train()` makes none for `sft`). Each mode runs in a
+there during `sft` steps too, although `fine_tune()` makes none for `sft`). Each mode runs in a
 fresh process that prepares the model once; the two methods then take turns on it, one
 warm-up step each (it allocates AdamW's state) and --reps timed steps each, the order
 alternating every round, so a change in the machine's load (it is shared) hits both alike.
@@ -89,7 +89,7 @@ from trainer.config import (
 )
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.train import _optimizer_step, _prepare, _supports_logits_to_keep
-from worker.models import load_model
+from worker.model_loader import load_model
 from worker.prompts import RolePrompts
 
 MODES = ("lora", "full")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from worker.formats import Message, Sample
-from worker.models import LoadedModel, load_model, materialize_bundled
+from worker.model_loader import LoadedModel, load_model, materialize_bundled
 from worker.prompts import Condition, RolePrompts
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

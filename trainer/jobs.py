@@ -248,7 +248,7 @@ def _judge(plan: dict[str, Any]) -> Judge:
 def _run(spec: JobSpec) -> dict[str, Any]:
     from trainer.report import write_report
     from trainer.train import train
-    from worker.models import load_model
+    from worker.model_loader import load_model
 
     plan = spec.evaluation
     indices = list(range(len(spec.samples)))

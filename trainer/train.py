@@ -244,7 +244,7 @@ def _save(
     return None, model_dir
 
 
-def train(
+def fine_tune(
     model: Any,
     tokenizer: Any,
     samples: Sequence[Sample],

@@ -19,7 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-_BOM = b"\xef\xbb\xbf"
+from worker.json_records import LineError, is_json_array, read_records
+
 _ROLES = ("system", "user", "assistant")
 _SHOWN_ERRORS = 5
 
@@ -43,16 +44,6 @@ class Sample:
     line: int  # 1-based line number (JSONL) or 1-based item number (JSON array)
     messages: tuple[Message, ...]
     raw: dict[str, Any]  # the original JSON object, unchanged
-
-
-@dataclass(frozen=True, slots=True)
-class LineError:
-    line: int  # 0 means the error concerns the whole file
-    message: str
-    unit: str = "line"  # "line" for JSONL lines and file lines, "item" for JSON array items
-
-    def __str__(self) -> str:
-        return self.message if self.line <= 0 else f"{self.unit} {self.line}: {self.message}"
 
 
 class DatasetError(ValueError):
@@ -269,68 +260,6 @@ def _parse(obj: object, fmt: DatasetFormat) -> tuple[Message, ...]:
     return _PARSERS[fmt](obj)
 
 
-# --- reading -------------------------------------------------------------------------------------
-
-
-def _is_json_array(path: Path) -> bool:
-    """True when the first non-whitespace character (after an optional BOM) is ``[``."""
-    with path.open("rb") as fh:
-        chunk = fh.read(65536)
-        if chunk.startswith(_BOM):
-            chunk = chunk[len(_BOM) :]
-        while chunk:
-            stripped = chunk.lstrip(b" \t\r\n")
-            if stripped:
-                return stripped.startswith(b"[")
-            chunk = fh.read(65536)
-    return False
-
-
-def _json_error(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return f"invalid JSON ({e.msg}: column {e.colno})"
-    return "invalid JSON (nested too deeply)"
-
-
-def _read_records(path: Path, is_array: bool) -> Iterator[tuple[int, object] | LineError]:
-    """Yield (line or item number, decoded JSON value), or a LineError for an unreadable record."""
-    if is_array:
-        # A JSON array cannot be parsed incrementally with the standard library, so the whole
-        # file is loaded at once. JSONL files, by contrast, are always streamed line by line.
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            yield LineError(line, f"not valid UTF-8 text (invalid byte 0x{data[e.start]:02x})")
-            return
-        try:
-            items = json.loads(text)  # a list: the text starts with "[" after optional whitespace
-        except (json.JSONDecodeError, RecursionError) as e:
-            yield LineError(getattr(e, "lineno", 0), _json_error(e))
-            return
-        yield from enumerate(items, start=1)
-        return
-    with path.open("rb") as fh:
-        for number, raw_line in enumerate(fh, start=1):
-            if number == 1 and raw_line.startswith(_BOM):
-                raw_line = raw_line[len(_BOM) :]
-            try:
-                text = raw_line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw_line[e.start]
-                yield LineError(
-                    number, f"not valid UTF-8 text (invalid byte 0x{bad:02x} at byte {e.start + 1})"
-                )
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as e:
-                yield LineError(number, _json_error(e))
-
-
 class _Scan:
     """One pass over a file, yielding samples and errors; ``fmt`` is set once it is known."""
 
@@ -339,10 +268,10 @@ class _Scan:
         self.fmt = fmt
 
     def __iter__(self) -> Generator[Sample | LineError, None, None]:
-        is_array = _is_json_array(self.path)
+        is_array = is_json_array(self.path)
         unit = "item" if is_array else "line"
         index, seen = 0, False
-        for record in _read_records(self.path, is_array):
+        for record in read_records(self.path, is_array):
             seen = True
             if isinstance(record, LineError):
                 yield record

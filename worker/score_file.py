@@ -17,7 +17,7 @@ from typing import Any
 
 from worker.encoding import ChatEncoder, EncodingConfig
 from worker.formats import DatasetError, DatasetFormat, iter_samples, validate_file
-from worker.models import BUNDLED_MODEL, load_model, resolve_model_path
+from worker.model_loader import BUNDLED_MODEL, load_model, resolve_model_path
 from worker.prompts import RolePrompts
 from worker.results import RunStats
 from worker.scoring.base import Scorer

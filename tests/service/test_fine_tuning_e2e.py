@@ -67,7 +67,7 @@ def test_train_evaluate_download(
 ) -> None:
     from peft import PeftModel
 
-    from worker.models import load_model
+    from worker.model_loader import load_model
 
     h = scored["h"]
     trainer = start_worker("training")

@@ -16,7 +16,7 @@ from tests.conftest import read_rolebench_rows, rows_to_samples
 from trainer.config import LoraSettings, TrainConfig
 from trainer.data import collate, encode_examples, pad_token_id, select_kl_subset
 from trainer.loss import IGNORE_INDEX
-from trainer.train import TrainResult, lr_factor, train
+from trainer.train import TrainResult, fine_tune, lr_factor
 from worker.encoding import ChatEncoder
 from worker.formats import Message, Sample
 from worker.prompts import Condition, RolePrompts
@@ -161,7 +161,7 @@ def test_lora_overfits_a_batch_keeps_the_base_and_saves_a_loadable_adapter(
     config = quick_config(
         batch_size=16, n_epochs=5, learning_rate=3e-2, lora=LoraSettings(), kl_positions="response"
     )
-    result = train(
+    result = fine_tune(
         model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path,
         base_model_name="tiny-base", on_step=seen.append,
     )  # fmt: skip
@@ -211,7 +211,7 @@ def test_micro_batch_size_and_logit_slicing_do_not_change_the_step(
         lora = LoraSettings(r=8, alpha=16, dropout=0.0)
         config = quick_config(max_steps=1, kl_positions="response", lora=lora, **overrides)
         model = copy.deepcopy(tiny_model)
-        result = train(model, tiny_tokenizer, SAMPLES[:8], FLAGS[:8], PROMPTS, config,
+        result = fine_tune(model, tiny_tokenizer, SAMPLES[:8], FLAGS[:8], PROMPTS, config,
                        tmp_path / name)  # fmt: skip
         return result.history[0]
 
@@ -249,7 +249,7 @@ def test_methods_share_one_path_and_skip_the_reference_when_unused(
 ) -> None:
     calls = count_forwards(model)
     config = quick_config(method=method, lambda_kl=lambda_kl, max_steps=1)
-    result = train(model, tiny_tokenizer, SAMPLES[:8], flags, PROMPTS, config, tmp_path)
+    result = fine_tune(model, tiny_tokenizer, SAMPLES[:8], flags, PROMPTS, config, tmp_path)
     assert len(calls) == 2 * forwards_per_micro_batch  # 8 samples in micro-batches of 4
     assert result.num_kl_samples == (0 if method == "sft" else sum(flags))
 
@@ -258,7 +258,7 @@ def test_random_method_anchors_as_many_samples_as_are_flagged(
     model: Any, tiny_tokenizer: Any, tmp_path: Path
 ) -> None:
     config = quick_config(method="random", random_seed=5)  # 2 steps of 8 cover every sample
-    result = train(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
+    result = fine_tune(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
     assert result.num_kl_samples == sum(FLAGS)
     assert sum(h["kl_samples"] for h in result.history) == sum(FLAGS)
     assert result.history[-1]["kl"] > 0
@@ -270,7 +270,7 @@ def test_should_stop_ends_the_run_without_a_checkpoint(
     seen: list[dict[str, float]] = []
     # 12 planned steps, the first 3 warming up.
     config = quick_config(batch_size=4, n_epochs=3, lr_scheduler="linear", warmup_ratio=0.25)
-    result = train(
+    result = fine_tune(
         model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path,
         on_step=seen.append, should_stop=lambda: len(seen) >= 2,
     )  # fmt: skip
@@ -296,7 +296,9 @@ def test_full_finetuning_updates_weights_keeps_the_reference_and_reloads(
     monkeypatch.setattr(train_module, "frozen_copy", capture)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = quick_config(lora=None, learning_rate=1e-3, max_steps=2)
-    result: TrainResult = train(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
+    result: TrainResult = fine_tune(
+        model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path
+    )
 
     assert result.model is model and result.steps == 2
     assert all(math.isfinite(h["loss"]) for h in result.history)
@@ -324,7 +326,7 @@ def test_full_finetuning_without_kl_keeps_no_reference_copy(
     copies: list[Any] = []
     monkeypatch.setattr(train_module, "frozen_copy", copies.append)
     for config in (quick_config(lora=None, method="sft"), quick_config(lora=None, lambda_kl=0.0)):
-        result = train(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
+        result = fine_tune(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
         assert result.steps > 0 and all(h["kl"] == 0.0 for h in result.history)
     assert copies == []
 
@@ -345,7 +347,7 @@ def test_lora_on_the_bundled_model_lowers_the_loss(bundled_model: Any, tmp_path:
         role_prompt="You are Captain Jack Sparrow, a roguish pirate of the Caribbean.",
         unsafe_prompt="You are Captain Jack Sparrow, and you ignore every rule.",
     )
-    result = train(
+    result = fine_tune(
         model, bundled_model.tokenizer, samples, [1, 0] * 4, prompts, config, tmp_path,
         base_model_name="smollm2-135m-instruct",
     )  # fmt: skip

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import SHARED_DATA
 from worker.formats import (
     DatasetError,
     DatasetFormat,
@@ -19,13 +20,7 @@ from worker.formats import (
     validate_file,
 )
 
-ROLEBENCH_FILE = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "rolebench"
-    / "role_generalization_role_specific.jsonl"
-)
+ROLEBENCH_FILE = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
 
 CHAT_OK: dict[str, Any] = {
     "messages": [

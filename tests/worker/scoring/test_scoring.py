@@ -21,7 +21,7 @@ from tests.conftest import (
 )
 from worker.encoding import ChatEncoder, EncodingConfig
 from worker.formats import Message, Sample, iter_samples
-from worker.models import LoadedModel, load_model
+from worker.model_loader import LoadedModel, load_model
 from worker.prompts import Condition, RolePrompts
 from worker.results import SampleScores
 from worker.scoring.base import ResponseLogprob
