@@ -8,7 +8,7 @@ Three things make it fast without changing a single log-probability:
   carry little padding (padding goes on the right, where causal attention
   keeps it from touching real tokens);
 - the vocabulary projection runs only at positions that predict a response token,
-  a cache-sized slice of the vocabulary at a time.
+  a cache-sized slice of the vocabulary at a time (``output_projection``).
 
 On CPU, Llama-family models run through ``fused_llama`` (wider matmuls, fewer
 temporaries), after a start-up check that it reproduces the module path.
@@ -31,6 +31,10 @@ from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
 from worker.scoring import fused_llama
 from worker.scoring.base import ResponseLogprob
 from worker.scoring.fused_llama import FusedLlama, Segment
+from worker.scoring.output_projection import (
+    _shifted_logprobs as _shifted_logprobs,  # re-exported: the tests check it from here
+)
+from worker.scoring.output_projection import apply_softcap, label_logprobs
 from worker.scoring.prefix_attention import (
     ATTENTION_NAME,
     SharedPrefix,
@@ -41,11 +45,6 @@ from worker.scoring.prefix_attention import register as register_prefix_attentio
 log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
-
-# The output projection's blocking (see _label_logprobs): 2048 rows x 2048 columns
-# of fp32 logits is 16 MiB, and slices this wide keep the matmul near its peak.
-PROJECTION_ROWS = 2048
-VOCAB_SLICE = 2048
 
 
 @dataclass(frozen=True)
@@ -276,50 +275,12 @@ class TransformersScorer:
         return sums.tolist()
 
     def _label_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(label) at each row of ``hidden``: the label's logit minus the log-sum-exp.
-
-        Up to ``PROJECTION_ROWS`` rows at a time, the logits are made one slice of
-        ``VOCAB_SLICE`` vocabulary columns at a time into one reused buffer and
-        reduced while in cache, where full-vocabulary logits (positions x vocab x
-        4 bytes, 260 MB for SmolLM2 at batch 16) would go to memory and back
-        several times. Memory stays bounded whatever the vocabulary.
-        """
-        weight = self.lm_head.weight
-        plain = weight.dtype == torch.float32 and self.lm_head.bias is None and not self.softcap
-        out = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
-        for i in range(0, len(labels), PROJECTION_ROWS):
-            h, lab = hidden[i : i + PROJECTION_ROWS], labels[i : i + PROJECTION_ROWS]
-            lp = _shifted_logprobs(h, lab, weight) if plain else None
-            out[i : i + PROJECTION_ROWS] = lp if lp is not None else self._exact_logprobs(h, lab)
-        return out
-
-    def _exact_logprobs(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Each slice's log-sum-exp shifted by its own row maxima, then combined."""
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        slices = range(0, weight.shape[0], VOCAB_SLICE)
-        lse = torch.empty(len(slices), len(h), dtype=torch.float32, device=h.device)
-        buffer = h.new_empty(len(h) * VOCAB_SLICE)
-        for j, v in enumerate(slices):
-            w = weight[v : v + VOCAB_SLICE]
-            logits = torch.mm(h, w.t(), out=buffer[: len(h) * len(w)].view(len(h), len(w)))
-            if bias is not None:
-                logits += bias[v : v + VOCAB_SLICE]
-            lse[j] = _logsumexp_(self._softcap(logits.float()))
-        picked = (h.float() * weight[labels].float()).sum(-1)
-        if bias is not None:
-            picked += bias[labels].float()
-        if weight.dtype != torch.float32:
-            # As the matmul rounds its output: the label logit enters the sum rounded.
-            picked = picked.to(weight.dtype).float()
-        return self._softcap(picked) - torch.logsumexp(lse, dim=0)
-
-    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        """log p(label) at each row of ``hidden``; see ``output_projection.label_logprobs``."""
+        head = self.lm_head
+        return label_logprobs(hidden, labels, head.weight, head.bias, self.softcap)
 
     def _project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._softcap(self.lm_head(hidden).float())
+        return apply_softcap(self.lm_head(hidden).float(), self.softcap)
 
     def _run(
         self, module: Any, ids: torch.Tensor, positions: torch.Tensor, kv: KV | None, start: int
@@ -404,36 +365,6 @@ class TransformersScorer:
         suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
         positions = torch.arange(12, 17, device=self.device)[None]
         return suffix, positions, kv
-
-
-def _shifted_logprobs(
-    h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
-) -> torch.Tensor | None:
-    """-log sum_v exp(logit_v - logit_label): the label's own logit is the shift.
-
-    The matmul subtracts it as it writes each slice, so a slice costs one exp
-    and one sum and no max pass. The sum is at least 1 (the label's own term),
-    so it cannot underflow; it overflows only where some logit exceeds the
-    label's by more than fp32's exp range (~88), and then the caller takes the
-    exact path (None).
-    """
-    shift = (h * weight[labels]).sum(-1).neg_()[:, None]
-    total = torch.zeros(len(h), dtype=torch.float32, device=h.device)
-    buffer = h.new_empty(len(h) * VOCAB_SLICE)
-    for v in range(0, weight.shape[0], VOCAB_SLICE):
-        w = weight[v : v + VOCAB_SLICE]
-        logits = buffer[: len(h) * len(w)].view(len(h), len(w))
-        total += torch.addmm(shift, h, w.t(), out=logits).exp_().sum(-1)
-    if not bool(torch.isfinite(total).all()):
-        return None
-    return total.log_().neg_()
-
-
-def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
-    """Log-sum-exp over the last dim, overwriting ``x``: no temporaries the size of ``x``."""
-    top = x.amax(dim=-1, keepdim=True)
-    total = x.sub_(top).exp_().sum(dim=-1)
-    return total.log_().add_(top.squeeze(-1))
 
 
 def _tolerance(dtype: torch.dtype) -> float:
