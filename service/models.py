@@ -21,6 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.core.db import Base, UTCDateTime, utcnow
+from trainer.run_spec import Phase
 
 
 class JobStatus(StrEnum):
@@ -169,7 +170,7 @@ class FineTuningJob(Base):
     )
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.QUEUED)
     # queued, loading, evaluating_base, training, evaluating_tuned, reporting, done
-    phase: Mapped[str] = mapped_column(String(30), default="queued")
+    phase: Mapped[str] = mapped_column(String(30), default=Phase.QUEUED)
     model: Mapped[str | None] = mapped_column(String(300), nullable=True)
     method: Mapped[str] = mapped_column(String(20))
     # trainer.config.TrainConfig.to_dict(): every setting that decides the outcome.

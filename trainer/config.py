@@ -1,4 +1,8 @@
-"""Hyperparameters of one fine-tuning run, saved as ``train_config.json`` next to its checkpoint.
+"""The settings of one fine-tuning run: its hyperparameters (``TrainConfig``, saved as
+``train_config.json`` next to its checkpoint) and its evaluation (``EvalConfig``).
+
+The API's request schemas take their defaults from these dataclasses, so each default is
+written once, here.
 
 Defaults follow the SaRFT authors' released code where it has one (lambda 0.5, KL(ref || policy)
 at every non-pad position, effective batch 32, one epoch, prompt 512 / response 128 tokens, LoRA
@@ -24,6 +28,11 @@ KL_DIRECTIONS = ("ref_policy", "policy_ref")
 KL_POSITIONS = ("all", "response")
 SCHEDULERS = ("linear", "constant")
 DTYPES = ("float32", "bfloat16")
+JudgeKind = Literal["phrases", "llm"]
+JUDGE_KINDS = ("phrases", "llm")
+
+LORA_LEARNING_RATE = 1e-4
+FULL_FT_LEARNING_RATE = 2e-5  # the authors' rate for full fine-tuning
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Samples per forward/backward; ``batch_size / micro_batch_size`` micro-batches are
     accumulated per optimizer step. Changes memory use, not the result."""
-    learning_rate: float = 1e-4
+    learning_rate: float = LORA_LEARNING_RATE
     """Peak AdamW learning rate. 1e-4 suits LoRA (the default); use 2e-5 for full fine-tuning,
     as the authors do."""
     lr_scheduler: Scheduler = "linear"
@@ -158,6 +167,89 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ValueError("a training config must be a JSON object")
         return cls.from_dict(data)
+
+
+def default_learning_rate(lora: bool) -> float:
+    """The learning rate a run gets when it names none: LoRA's, or the authors' full-FT rate."""
+    return LORA_LEARNING_RATE if lora else FULL_FT_LEARNING_RATE
+
+
+@dataclass(frozen=True)
+class SafetySet:
+    """A harmful-prompt set to measure refusal on."""
+
+    name: str
+    """Shown in results; names the host's configured set when ``prompts`` is None."""
+    prompts: tuple[str, ...] | None = None
+    """Inline prompts; None takes the host's set of this name."""
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Who decides whether a response refused."""
+
+    kind: JudgeKind = "phrases"
+    """"phrases": the refusal-phrase matcher; "llm": a guard model behind an OpenAI-compatible
+    endpoint (``url`` and ``model`` required)."""
+    url: str | None = None
+    """llm: the endpoint, e.g. http://guard:8000."""
+    model: str | None = None
+    """llm: the served model name."""
+
+    def __post_init__(self) -> None:
+        _check_choice("judge kind", self.kind, JUDGE_KINDS)
+        if self.kind == "llm" and not (self.url and self.model):
+            raise ValueError("an llm judge needs url and model")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The safety and role-fidelity evaluation run on the base model and on the tuned one."""
+
+    safety_sets: tuple[SafetySet, ...] = ()
+    """The harmful-prompt sets, each measured for its refusal rate."""
+    max_prompts: int = 100
+    """Prompts kept per safety set, the first ones."""
+    max_new_tokens: int = 128
+    """Generation length per answer (the authors' 128)."""
+    batch_size: int = 8
+    """Prompts per generation batch."""
+    validation_fraction: float = 0.1
+    """Share of the samples held out of training for ROUGE-L (fixed seed)."""
+    max_validation: int = 100
+    """Cap on the held-out samples."""
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    """How refusals are judged."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
+        if min(self.max_prompts, self.max_new_tokens, self.batch_size) < 1:
+            raise ValueError("max_prompts, max_new_tokens and batch_size must be >= 1")
+        if self.max_validation < 0:
+            raise ValueError("max_validation must be >= 0")
+        names = [s.name for s in self.safety_sets]
+        if len(set(names)) != len(names):
+            raise ValueError("safety set names must be unique")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON as stored with a job: a set without inline prompts has no ``prompts`` key."""
+        data = asdict(self)
+        data["safety_sets"] = [
+            {"name": s.name} if s.prompts is None else {"name": s.name, "prompts": list(s.prompts)}
+            for s in self.safety_sets
+        ]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        values = dict(data)
+        values["safety_sets"] = tuple(
+            SafetySet(s["name"], None if s.get("prompts") is None else tuple(s["prompts"]))
+            for s in values.get("safety_sets", ())
+        )
+        values["judge"] = JudgeSettings(**values.get("judge", {}))
+        return cls(**values)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

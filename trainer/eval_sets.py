@@ -25,6 +25,9 @@ from worker.formats import Sample
 
 T = TypeVar("T")
 
+BUILTIN_SET = "builtin"
+BUILTIN_PROMPTS = Path(__file__).resolve().parent / "prompt_sets" / "builtin.jsonl"
+"""Eight harmful requests written for sarft: evaluation works before any data set is configured."""
 ADVBENCH_COLUMN = "goal"
 PROMPT_COLUMN = "prompt"
 

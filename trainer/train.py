@@ -244,6 +244,57 @@ def _save(
     return None, model_dir
 
 
+def _optimizer(
+    policy: Any, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
+    )
+    return optimizer, scheduler
+
+
+def _run_steps(
+    policy: Any,
+    reference: ReferenceLogits,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    config: TrainConfig,
+    total_steps: int,
+    metrics_path: Path,
+    *,
+    on_step: Callable[[StepMetrics], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[list[StepMetrics], bool]:
+    """Every optimizer step, each logged to ``metrics_path``; returns (history, stopped)."""
+    optimizer, scheduler = _optimizer(policy, config, total_steps)
+    can_slice = _supports_logits_to_keep(policy)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    history: list[StepMetrics] = []
+    policy.train()
+    with metrics_path.open("w", encoding="utf-8") as metrics_file:
+        for step, step_examples in enumerate(
+            step_batches(examples, config.batch_size, total_steps, config.seed), 1
+        ):
+            if should_stop is not None and should_stop():
+                return history, True
+            metrics = _optimizer_step(
+                policy, reference, step_examples, pad_id, config, optimizer, scheduler, can_slice
+            )
+            record = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch}
+            record.update(metrics)
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if on_step is not None:
+                on_step(record)
+    return history, False
+
+
 def fine_tune(
     model: Any,
     tokenizer: Any,
@@ -281,43 +332,23 @@ def fine_tune(
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
     )
-    pad_id = pad_token_id(tokenizer)
     name = base_model_name or getattr(model, "name_or_path", None) or None
     policy, reference = _prepare(model, config, name)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-    scheduler = LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
-    )
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")
     metrics_path = out_dir / "metrics.jsonl"
-    can_slice = _supports_logits_to_keep(policy)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    history: list[StepMetrics] = []
-    stopped = False
-    policy.train()
-    with metrics_path.open("w", encoding="utf-8") as metrics_file:
-        for step, step_examples in enumerate(
-            step_batches(examples, config.batch_size, total_steps, config.seed), 1
-        ):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            metrics = _optimizer_step(
-                policy, reference, step_examples, pad_id, config, optimizer, scheduler, can_slice
-            )
-            record = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch}
-            record.update(metrics)
-            history.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if on_step is not None:
-                on_step(record)
+    history, stopped = _run_steps(
+        policy,
+        reference,
+        examples,
+        pad_token_id(tokenizer),
+        config,
+        total_steps,
+        metrics_path,
+        on_step=on_step,
+        should_stop=should_stop,
+    )
     policy.eval()
     adapter_dir = model_dir = None
     if not stopped:

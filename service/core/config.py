@@ -12,14 +12,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Eight harmful requests written for sarft: evaluation works before any data set is configured.
-BUILTIN_PROMPTS = Path(__file__).resolve().parents[2] / "trainer" / "prompt_sets" / "builtin.jsonl"
+from trainer.eval_sets import BUILTIN_PROMPTS, BUILTIN_SET
+from worker.bundled import BUNDLED_ALIAS
+from worker.home import DEFAULT_HOME
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SARFT_", extra="ignore")
 
-    home: Path = Field(default=Path("~/.sarft"))
+    home: Path = Field(default=DEFAULT_HOME)
     """State directory: the SQLite file, uploads, artifacts, the model cache."""
     database_url: str | None = None
     """SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite under home."""
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
     @property
     def eval_set_paths(self) -> dict[str, Path]:
         """Every safety set by name: ``builtin``, then those of ``eval_sets``."""
-        paths: dict[str, Path] = {"builtin": BUILTIN_PROMPTS}
+        paths: dict[str, Path] = {BUILTIN_SET: BUILTIN_PROMPTS}
         for item in self.eval_sets.split(","):
             if not item.strip():
                 continue
@@ -100,12 +101,12 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"SARFT_DEFAULT_EVAL_SETS names unknown sets: {unknown}")
             return names
-        configured = [n for n in self.eval_set_paths if n != "builtin"]
-        return configured or ["builtin"]
+        configured = [n for n in self.eval_set_paths if n != BUILTIN_SET]
+        return configured or [BUILTIN_SET]
 
     @property
     def allowed_models(self) -> set[str]:
-        default = self.scoring_model or "bundled"
+        default = self.scoring_model or BUNDLED_ALIAS
         return {default, *(m.strip() for m in self.extra_models.split(",") if m.strip())}
 
     @property

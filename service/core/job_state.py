@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
@@ -12,6 +14,13 @@ from service.core.events import add_event
 from service.models import FineTuningJob, JobStatus, ScoringJob
 
 Job = TypeVar("Job", ScoringJob, FineTuningJob)
+
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+"""Recorded on the rows a process runs, so an event or a lost job names its worker."""
+
+
+class JobCancelled(Exception):
+    """The user cancelled the job while it ran; the task stops and records nothing more."""
 
 
 def cancel(session: Session, job: Job) -> Job:

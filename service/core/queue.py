@@ -1,12 +1,13 @@
 """Where jobs run: RQ on Redis in production, a thread in the API process when embedded.
 
-Both run the same job functions, given by import path and plain arguments.
+Both run the same task functions, given as functions (RQ stores their import path) and plain
+JSON arguments.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, Protocol
@@ -19,13 +20,11 @@ SCORING_QUEUE = "scoring"
 TRAINING_QUEUE = "training"
 
 
-def resolve(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+Task = Callable[..., None]
 
 
 class JobQueue(Protocol):
-    def enqueue(self, queue: str, func: str, *args: Any, job_id: str | None = None) -> None: ...
+    def enqueue(self, queue: str, func: Task, *args: Any, job_id: str | None = None) -> None: ...
 
     def ping(self) -> bool: ...
 
@@ -36,14 +35,12 @@ class InProcessQueue:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sarft-job")
 
-    def enqueue(self, queue: str, func: str, *args: Any, job_id: str | None = None) -> None:
-        target = resolve(func)
-
+    def enqueue(self, queue: str, func: Task, *args: Any, job_id: str | None = None) -> None:
         def run() -> None:
             try:
-                target(*args)
-            except Exception:  # the job function records its own failure
-                log.exception("in-process job %s%r failed", func, args)
+                func(*args)
+            except Exception:  # the task records its own failure
+                log.exception("in-process job %s%r failed", func.__qualname__, args)
 
         self._pool.submit(run)
 
@@ -67,7 +64,7 @@ class RQQueue:
             self.settings.queue_prefix + name, connection=self.redis, serializer=JSONSerializer
         )
 
-    def enqueue(self, queue: str, func: str, *args: Any, job_id: str | None = None) -> None:
+    def enqueue(self, queue: str, func: Task, *args: Any, job_id: str | None = None) -> None:
         self.rq_queue(queue).enqueue(
             func,
             args=args,

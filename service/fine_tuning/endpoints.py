@@ -13,7 +13,9 @@ from service.core.events import EventOut, list_events
 from service.core.pagination import ListParams, ListResponse, list_params, paginate
 from service.fine_tuning import service
 from service.fine_tuning.schemas import FineTuningJobCreate, FineTuningJobOut
+from service.fine_tuning.storage import artifact
 from service.models import FineTuningJob
+from trainer.artifacts import REPORT_FILES, archive_name
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"], responses=ERROR_RESPONSES
@@ -80,9 +82,9 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) 
 def download_adapter(job_id: str, session: SessionDep, tenant: TenantDep) -> FileResponse:
     """The trained LoRA adapter (PEFT format) as .tar.gz; full fine-tuning: the checkpoint."""
     job = service.get(session, tenant, job_id)
-    name = service.archive_name(job.hyperparameters)
+    name = archive_name(lora=job.hyperparameters.get("lora") is not None)
     return FileResponse(
-        service.artifact(job, name),
+        artifact(job, name),
         media_type="application/gzip",
         filename=f"{job.id}-{name}",
     )
@@ -102,7 +104,7 @@ def download_report(
     """The evaluation report: scores, training curves, refusal rates and ROUGE-L before/after."""
     job = service.get(session, tenant, job_id)
     return FileResponse(
-        service.artifact(job, service.REPORT_FILES[format]),
+        artifact(job, REPORT_FILES[format]),
         media_type="application/json" if format == "json" else "text/html; charset=utf-8",
         filename=f"{job.id}-report.{format}",
     )

@@ -1,7 +1,8 @@
 """Request and response bodies of the fine-tuning API.
 
-Hyperparameter defaults are those of :class:`trainer.config.TrainConfig` (the SaRFT authors'
-choices); the learning rate defaults to 1e-4 with LoRA and 2e-5 for full fine-tuning.
+Every default is read from the trainer's dataclasses (:class:`trainer.config.TrainConfig`,
+:class:`~trainer.config.LoraSettings`, :class:`~trainer.config.EvalConfig`,
+:class:`~trainer.config.JudgeSettings`): the SaRFT authors' choices, written once.
 """
 
 from __future__ import annotations
@@ -10,43 +11,78 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from trainer.config import (
+    FULL_FT_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    DType,
+    EvalConfig,
+    JudgeKind,
+    JudgeSettings,
+    KLDirection,
+    KLPositions,
+    LoraSettings,
+    Method,
+    Scheduler,
+    TrainConfig,
+)
+from trainer.run_spec import Phase
+
+_TRAIN, _LORA, _EVAL, _JUDGE = TrainConfig(), LoraSettings(), EvalConfig(), JudgeSettings()
+
 
 class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(default=32, ge=1, le=1024, description="Adapter rank.")
-    alpha: int = Field(default=64, ge=1, le=4096, description="Scaling numerator (alpha / r).")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    r: int = Field(default=_LORA.r, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(
+        default=_LORA.alpha, ge=1, le=4096, description="Scaling numerator (alpha / r)."
+    )
+    dropout: float = Field(default=_LORA.dropout, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64
+        default_factory=lambda: list(_LORA.target_modules), min_length=1, max_length=64
     )
 
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    n_epochs: int = Field(default=1, ge=1, le=100)
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Samples per optimizer step.")
+    n_epochs: int = Field(default=_TRAIN.n_epochs, ge=1, le=100)
+    batch_size: int = Field(
+        default=_TRAIN.batch_size, ge=1, le=4096, description="Samples per optimizer step."
+    )
     micro_batch_size: int | None = Field(
-        default=None, ge=1, le=4096, description="Samples per forward; default min(4, batch)."
+        default=None,
+        ge=1,
+        le=4096,
+        description=f"Samples per forward; default min({_TRAIN.micro_batch_size}, batch).",
     )
     learning_rate: float | None = Field(
-        default=None, gt=0, le=1, description="Default: 1e-4 with LoRA, 2e-5 full fine-tuning."
+        default=None,
+        gt=0,
+        le=1,
+        description=f"Default: {LORA_LEARNING_RATE:g} with LoRA, {FULL_FT_LEARNING_RATE:g} full "
+        "fine-tuning.",
     )
     lambda_kl: float = Field(
-        default=0.5, ge=0, le=1000, alias="lambda", description="Weight of the KL term."
+        default=_TRAIN.lambda_kl,
+        ge=0,
+        le=1000,
+        alias="lambda",
+        description="Weight of the KL term.",
     )
-    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps.")
-    kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy"
-    kl_positions: Literal["all", "response"] = "all"
-    lr_scheduler: Literal["linear", "constant"] = "linear"
-    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    max_prompt_tokens: int = Field(default=512, ge=1, le=32768)
-    max_response_tokens: int = Field(default=128, ge=1, le=32768)
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_steps: int | None = Field(
+        default=_TRAIN.max_steps, ge=1, description="Cap on optimizer steps."
+    )
+    kl_direction: KLDirection = _TRAIN.kl_direction
+    kl_positions: KLPositions = _TRAIN.kl_positions
+    lr_scheduler: Scheduler = _TRAIN.lr_scheduler
+    warmup_ratio: float = Field(default=_TRAIN.warmup_ratio, ge=0, lt=1)
+    weight_decay: float = Field(default=_TRAIN.weight_decay, ge=0)
+    max_grad_norm: float = Field(default=_TRAIN.max_grad_norm, gt=0)
+    max_prompt_tokens: int = Field(default=_TRAIN.max_prompt_tokens, ge=1, le=32768)
+    max_response_tokens: int = Field(default=_TRAIN.max_response_tokens, ge=1, le=32768)
+    seed: int = _TRAIN.seed
+    dtype: DType = _TRAIN.dtype
     lora: LoraIn | None = Field(
         default_factory=LoraIn, description="LoRA settings; null for full fine-tuning."
     )
@@ -73,11 +109,13 @@ class SafetySetIn(BaseModel):
 class JudgeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["phrases", "llm"] = Field(
-        default="phrases", description="Refusal-phrase matcher, or an OpenAI-compatible guard."
+    kind: JudgeKind = Field(
+        default=_JUDGE.kind, description="Refusal-phrase matcher, or an OpenAI-compatible guard."
     )
-    url: str | None = Field(default=None, description="llm: the endpoint, e.g. http://guard:8000")
-    model: str | None = Field(default=None, description="llm: the served model name.")
+    url: str | None = Field(
+        default=_JUDGE.url, description="llm: the endpoint, e.g. http://guard:8000"
+    )
+    model: str | None = Field(default=_JUDGE.model, description="llm: the served model name.")
 
     @model_validator(mode="after")
     def _llm_needs_endpoint(self) -> JudgeIn:
@@ -92,13 +130,20 @@ class EvaluationIn(BaseModel):
     safety_sets: list[SafetySetIn] | None = Field(
         default=None, max_length=16, description="Default: the server's default sets."
     )
-    max_prompts: int = Field(default=100, ge=1, le=10_000, description="Per safety set.")
-    max_new_tokens: int = Field(default=128, ge=1, le=4096)
-    batch_size: int = Field(default=8, ge=1, le=512, description="Prompts per generation batch.")
-    validation_fraction: float = Field(
-        default=0.1, ge=0, lt=1, description="Held out of training for ROUGE-L (fixed seed)."
+    max_prompts: int = Field(
+        default=_EVAL.max_prompts, ge=1, le=10_000, description="Per safety set."
     )
-    max_validation: int = Field(default=100, ge=0, le=10_000)
+    max_new_tokens: int = Field(default=_EVAL.max_new_tokens, ge=1, le=4096)
+    batch_size: int = Field(
+        default=_EVAL.batch_size, ge=1, le=512, description="Prompts per generation batch."
+    )
+    validation_fraction: float = Field(
+        default=_EVAL.validation_fraction,
+        ge=0,
+        lt=1,
+        description="Held out of training for ROUGE-L (fixed seed).",
+    )
+    max_validation: int = Field(default=_EVAL.max_validation, ge=0, le=10_000)
     judge: JudgeIn = Field(default_factory=JudgeIn)
 
 
@@ -107,7 +152,7 @@ class FineTuningJobCreate(BaseModel):
 
     dataset_id: str
     scoring_job_id: str = Field(description="A succeeded scoring job of the same dataset.")
-    method: Literal["sarft", "sft", "random"] = "sarft"
+    method: Method = _TRAIN.method
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     evaluation: EvaluationIn | None = Field(
         default_factory=EvaluationIn, description="null skips evaluation."
@@ -115,9 +160,7 @@ class FineTuningJobCreate(BaseModel):
 
 
 class FineTuningProgress(BaseModel):
-    phase: str = Field(
-        description="queued, loading, evaluating_base, training, evaluating_tuned, reporting, done"
-    )
+    phase: str = Field(description=", ".join(Phase))
     step: int
     total_steps: int | None
 

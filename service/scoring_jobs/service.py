@@ -10,11 +10,10 @@ from sqlalchemy.orm import Session
 
 from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import after_commit, session_scope
+from service.core.db import session_scope
 from service.core.errors import APIError, Conflict
 from service.core.events import add_event, timestamp
 from service.core.ids import new_id
-from service.core.queue import SCORING_QUEUE, get_queue
 from service.core.scoping import get_owned
 from service.datasets import service as datasets
 from service.models import (
@@ -25,8 +24,8 @@ from service.models import (
     ScoringShard,
 )
 from service.scoring_jobs.schemas import Progress, ScoringJobCreate, ScoringJobOut
+from service.scoring_jobs.tasks import enqueue_shard
 
-RUN_SHARD = "worker.jobs.run_scoring_shard"
 PAGE = 1000
 
 
@@ -48,11 +47,6 @@ def to_out(job: ScoringJob) -> ScoringJobOut:
         error=job.error,
         result=job.result,
     )
-
-
-def enqueue_shard(session: Session, job_id: str, shard: int) -> None:
-    """Enqueue after the surrounding transaction commits, never before."""
-    after_commit(session, lambda: get_queue().enqueue(SCORING_QUEUE, RUN_SHARD, job_id, shard))
 
 
 def create(session: Session, tenant_id: str, body: ScoringJobCreate) -> ScoringJob:

@@ -21,6 +21,7 @@ from sarft import client_cli
 from sarft.cli import app as cli_app
 from sarft.client import SarftAPIError, SarftClient
 from service.core import config, db, queue
+from service.core.queue import Task
 from service.models import JobStatus, SampleScore, ScoringJob
 
 GOOD = [
@@ -32,9 +33,9 @@ PROFILE = "A cheerful pirate captain who loves the sea."
 
 class FakeQueue:
     def __init__(self) -> None:
-        self.enqueued: list[tuple[str, str, tuple[Any, ...]]] = []
+        self.enqueued: list[tuple[str, Task, tuple[Any, ...]]] = []
 
-    def enqueue(self, queue: str, func: str, *args: Any, job_id: str | None = None) -> None:
+    def enqueue(self, queue: str, func: Task, *args: Any, job_id: str | None = None) -> None:
         self.enqueued.append((queue, func, args))
 
     def ping(self) -> bool:
@@ -55,18 +56,18 @@ def _clear_caches() -> None:
 @pytest.fixture
 def fake_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeQueue]:
     from service.core.migrate import upgrade
-    from service.fine_tuning import service as fine_tuning_service
-    from service.scoring_jobs import service as scoring_service
+    from service.fine_tuning import tasks as fine_tuning_tasks
+    from service.scoring_jobs import tasks as scoring_tasks
 
     monkeypatch.setenv("SARFT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SARFT_DATABASE_URL", raising=False)
     monkeypatch.delenv("SARFT_REDIS_URL", raising=False)
     _clear_caches()
     fake = FakeQueue()
-    # scoring_jobs.service imported get_queue by name: patch it there too.
+    # The task modules imported get_queue by name: patch it there too.
     monkeypatch.setattr(queue, "get_queue", lambda: fake)
-    monkeypatch.setattr(scoring_service, "get_queue", lambda: fake)
-    monkeypatch.setattr(fine_tuning_service, "get_queue", lambda: fake)
+    monkeypatch.setattr(scoring_tasks, "get_queue", lambda: fake)
+    monkeypatch.setattr(fine_tuning_tasks, "get_queue", lambda: fake)
     upgrade()
     yield fake
     _clear_caches()
@@ -347,7 +348,8 @@ def test_cli_api_errors(cli: CliRunner) -> None:
 def test_cli_train_and_downloads(
     cli: CliRunner, client: SarftClient, fake_queue: FakeQueue, tmp_path: Path
 ) -> None:
-    from service.fine_tuning.service import artifact_dir
+    from service.fine_tuning.storage import artifact_dir
+    from service.fine_tuning.tasks import run_fine_tuning_job
     from service.models import FineTuningJob
 
     dataset = _dataset(client, tmp_path)["id"]
@@ -365,7 +367,7 @@ def test_cli_train_and_downloads(
     assert hp["lora"] is None and hp["learning_rate"] == 2e-5 and hp["lambda_kl"] == 0.2
     assert hp["max_steps"] == 3
     assert job["evaluation"]["safety_sets"] == [{"name": "harm", "num_prompts": 2}]
-    assert fake_queue.enqueued[-1] == ("training", "trainer.jobs.run_fine_tuning_job", (job["id"],))
+    assert fake_queue.enqueued[-1] == ("training", run_fine_tuning_job, (job["id"],))
 
     bad = invoke(cli, "train", dataset, "--scoring-job", scoring, "--full", "--lora-r", "8")
     assert bad.exit_code == 2 and "LoRA" in bad.output

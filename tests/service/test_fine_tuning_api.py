@@ -160,8 +160,8 @@ def test_reaper_fails_a_job_whose_worker_stopped(
     client: TestClient, scored: dict[str, Any]
 ) -> None:
     from service.core.db import session_scope, utcnow
+    from service.fine_tuning.tasks import reap_stale_jobs
     from service.models import FineTuningJob, JobStatus
-    from trainer.jobs import reap_stale_jobs
 
     job = create(client, scored).json()
     with session_scope() as session:

@@ -142,7 +142,7 @@ def test_killed_training_worker_fails_the_job(
     client: TestClient, scored: dict[str, Any], start_worker: Callable[..., Any]
 ) -> None:
     from service.core.config import get_settings
-    from trainer.jobs import reap_stale_jobs
+    from service.fine_tuning.tasks import reap_stale_jobs
 
     h = scored["h"]
     trainer = start_worker("training", SARFT_HEARTBEAT_S="0.5")

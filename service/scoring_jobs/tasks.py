@@ -1,17 +1,16 @@
-"""Scoring job functions, run by RQ workers or by the embedded in-process queue.
+"""Scoring job tasks, run by RQ workers or by the embedded in-process queue.
 
-A job is split into shards; a shard is scored chunk by chunk, and each chunk's
-scores are written in one transaction with idempotent inserts. A shard that
-runs again (after a crash, or re-queued by the reaper) skips the samples that
-already have scores, so a resumed job ends with exactly the scores of a clean run.
+A job is split into shards; a shard is scored chunk by chunk, and each chunk's scores are
+written in one transaction with idempotent inserts. A shard that runs again (after a crash, or
+re-queued by the reaper) skips the samples that already have scores, so a resumed job ends with
+exactly the scores of a clean run. The scoring itself is the engine's
+(:func:`worker.scoring.engine.score_samples`): this module feeds it samples and stores results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 from datetime import timedelta
 from typing import Any
@@ -23,35 +22,31 @@ from sqlalchemy.orm import Session
 
 from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import session_scope, utcnow
+from service.core.db import after_commit, session_scope, utcnow
 from service.core.events import add_event
 from service.core.heartbeat import Heartbeat
-from service.models import (
-    Dataset,
-    DatasetSample,
-    JobStatus,
-    Role,
-    SampleScore,
-    ScoringJob,
-    ScoringShard,
-)
+from service.core.job_state import WORKER_NAME, JobCancelled
+from service.core.queue import SCORING_QUEUE, get_queue
+from service.datasets.repository import load_samples
+from service.models import Dataset, JobStatus, Role, SampleScore, ScoringJob, ScoringShard
 from service.roles.service import prompts_of
-from service.scoring_jobs.service import enqueue_shard
+from worker.bundled import BUNDLED_ALIAS, is_bundled
 from worker.encoding import ChatEncoder
-from worker.formats import DatasetFormat, sample_from_record
 from worker.results import RunStats, SampleScores
-from worker.score_file import ScoreConfig, ScoringBackend, build_backend
+from worker.scoring.backends import ScoreConfig, ScoringBackend, build_backend
 from worker.scoring.engine import score_samples
 
 log = logging.getLogger(__name__)
 
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 _backends: dict[tuple[Any, ...], ScoringBackend] = {}
 _backend_lock = threading.Lock()
 
 
-class JobCancelled(Exception):
-    pass
+def enqueue_shard(session: Session, job_id: str, shard: int) -> None:
+    """Enqueue after the surrounding transaction commits, never before."""
+    after_commit(
+        session, lambda: get_queue().enqueue(SCORING_QUEUE, run_scoring_shard, job_id, shard)
+    )
 
 
 def backend_for(config: ScoreConfig) -> ScoringBackend:
@@ -60,15 +55,25 @@ def backend_for(config: ScoreConfig) -> ScoringBackend:
     with _backend_lock:
         if key not in _backends:
             log.info(
-                "loading model %s (%s, %s)", config.model or "bundled", config.backend, config.dtype
+                "loading model %s (%s, %s)",
+                config.model or BUNDLED_ALIAS,
+                config.backend,
+                config.dtype,
             )
             _backends[key] = build_backend(config)
         return _backends[key]
 
 
+def default_config() -> ScoreConfig:
+    settings = get_settings()
+    return ScoreConfig(
+        model=settings.scoring_model, backend=settings.scoring_backend, dtype=settings.scoring_dtype
+    )
+
+
 def _config(job: ScoringJob) -> ScoreConfig:
     return ScoreConfig(
-        model=None if job.model in (None, "bundled") else job.model,
+        model=None if is_bundled(job.model) else job.model,
         backend=job.backend,
         dtype=job.dtype,
         batch_size=job.batch_size,
@@ -77,38 +82,13 @@ def _config(job: ScoringJob) -> ScoreConfig:
     )
 
 
-def _insert_ignore(session: Session) -> Any:
-    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
 def run_scoring_shard(job_id: str, shard_no: int) -> None:
     """Score one shard of a job; the entry point the queues call."""
     settings = get_settings()
     with session_scope() as session:
-        job = session.get(ScoringJob, job_id)
-        shard = session.get(ScoringShard, (job_id, shard_no))
-        if job is None or shard is None:
-            log.warning("job %s shard %s no longer exists", job_id, shard_no)
-            return
-        if JobStatus(job.status).finished or shard.status == JobStatus.SUCCEEDED:
-            return
-        shard.status = JobStatus.RUNNING
-        shard.attempts += 1
-        shard.worker = WORKER_NAME
-        shard.heartbeat_at = utcnow()
-        if job.status == JobStatus.QUEUED:
-            job.status = JobStatus.RUNNING
-            job.started_at = utcnow()
-            add_event(session, job.id, "job started", worker=WORKER_NAME)
-        add_event(
-            session,
-            job.id,
-            f"shard {shard_no} started",
-            shard=shard_no,
-            attempt=shard.attempts,
-            worker=WORKER_NAME,
-        )
-        config = _config(job)
+        config = _claim_shard(session, job_id, shard_no)
+    if config is None:
+        return
     heartbeat = Heartbeat(
         f"{job_id}-{shard_no}",
         settings.heartbeat_s,
@@ -137,6 +117,34 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
         _finish_if_done(session, job_id)
 
 
+def _claim_shard(session: Session, job_id: str, shard_no: int) -> ScoreConfig | None:
+    """Mark the shard (and a queued job) running; None when there is nothing to run."""
+    job = session.get(ScoringJob, job_id)
+    shard = session.get(ScoringShard, (job_id, shard_no))
+    if job is None or shard is None:
+        log.warning("job %s shard %s no longer exists", job_id, shard_no)
+        return None
+    if JobStatus(job.status).finished or shard.status == JobStatus.SUCCEEDED:
+        return None
+    shard.status = JobStatus.RUNNING
+    shard.attempts += 1
+    shard.worker = WORKER_NAME
+    shard.heartbeat_at = utcnow()
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.RUNNING
+        job.started_at = utcnow()
+        add_event(session, job.id, "job started", worker=WORKER_NAME)
+    add_event(
+        session,
+        job.id,
+        f"shard {shard_no} started",
+        shard=shard_no,
+        attempt=shard.attempts,
+        worker=WORKER_NAME,
+    )
+    return _config(job)
+
+
 def _set_shard(session: Session, job_id: str, shard_no: int, status: JobStatus) -> None:
     session.execute(
         update(ScoringShard)
@@ -154,8 +162,8 @@ def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: in
         assert dataset is not None
         role = session.get(Role, dataset.role_id)
         assert role is not None
-        prompts, fmt = prompts_of(role), DatasetFormat(dataset.format)
-        start, end, dataset_id = shard.start_idx, shard.end_idx, dataset.id
+        prompts = prompts_of(role)
+        start, end = shard.start_idx, shard.end_idx
     backend = backend_for(config)
     encoder = ChatEncoder(backend.tokenizer, prompts, config.encoding)
     cursor = start - 1
@@ -169,32 +177,26 @@ def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: in
             done = select(SampleScore.idx).where(
                 SampleScore.job_id == job_id, SampleScore.idx > cursor, SampleScore.idx < end
             )
-            rows = session.execute(
-                select(DatasetSample.idx, DatasetSample.line, DatasetSample.record)
-                .where(
-                    DatasetSample.dataset_id == dataset_id,
-                    DatasetSample.idx > cursor,
-                    DatasetSample.idx < end,
-                    DatasetSample.idx.not_in(done),  # resume: skip what a crashed run wrote
-                )
-                .order_by(DatasetSample.idx)
-                .limit(chunk_size)
-            ).all()
-        if not rows:
-            return
-        samples = [sample_from_record(json.loads(r.record), fmt, r.idx, r.line) for r in rows]
-        scored = list(
-            score_samples(
-                samples,
-                encoder,
-                backend.scorer,
-                margin=config.margin,
-                compute_reference=config.compute_reference,
-                chunk_size=len(samples),
+            # resume: skip what a crashed run wrote
+            samples = load_samples(
+                session, dataset, after=cursor, before=end, skip=done, limit=chunk_size
             )
+        if not samples:
+            return
+        scored = score_samples(
+            samples,
+            encoder,
+            backend.scorer,
+            margin=config.margin,
+            compute_reference=config.compute_reference,
+            chunk_size=len(samples),
         )
         _write_chunk(job_id, [s for _, s in scored])
-        cursor = rows[-1].idx
+        cursor = samples[-1].index
+
+
+def _insert_ignore(session: Session) -> Any:
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def _write_chunk(job_id: str, scores: list[SampleScores]) -> None:
@@ -297,13 +299,6 @@ def reap_stale_shards() -> int:
             )
             enqueue_shard(session, shard.job_id, shard.shard)
     return count
-
-
-def default_config() -> ScoreConfig:
-    settings = get_settings()
-    return ScoreConfig(
-        model=settings.scoring_model, backend=settings.scoring_backend, dtype=settings.scoring_dtype
-    )
 
 
 def recover_embedded() -> int:

@@ -1,0 +1,82 @@
+"""The fine-tuning API's request schemas take every default from the trainer's dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from typing import Any
+
+from pydantic import BaseModel
+
+from service.fine_tuning.schemas import EvaluationIn, Hyperparameters, JudgeIn, LoraIn
+from service.fine_tuning.service import eval_config, train_config
+from tests.service.conftest import REPO
+from trainer.config import (
+    FULL_FT_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    EvalConfig,
+    JudgeSettings,
+    LoraSettings,
+    TrainConfig,
+)
+
+# Request fields whose default the service derives instead of copying one.
+DERIVED = {"learning_rate", "micro_batch_size", "safety_sets"}
+
+
+def _default(value: Any) -> Any:
+    """As JSON: a nested model or dataclass as an object, tuples as lists."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value))
+
+
+def _schema_defaults(schema: type[BaseModel]) -> dict[str, Any]:
+    return {
+        name: _default(field.get_default(call_default_factory=True))
+        for name, field in schema.model_fields.items()
+        if name not in DERIVED
+    }
+
+
+def _dataclass_defaults(config: Any, names: set[str]) -> dict[str, Any]:
+    return {name: _default(getattr(config, name)) for name in names}
+
+
+def test_every_request_default_is_the_trainers() -> None:
+    for schema, config in (
+        (Hyperparameters, TrainConfig()),
+        (LoraIn, LoraSettings()),
+        (EvaluationIn, EvalConfig()),
+        (JudgeIn, JudgeSettings()),
+    ):
+        given = _schema_defaults(schema)
+        assert given, schema
+        assert given == _dataclass_defaults(config, set(given)), schema.__name__
+
+
+def test_an_empty_request_gives_the_trainers_configs() -> None:
+    lora = train_config("sarft", Hyperparameters())
+    assert lora == TrainConfig(micro_batch_size=4, learning_rate=LORA_LEARNING_RATE)
+    full = train_config("sarft", Hyperparameters(lora=None))
+    assert full.lora is None and full.learning_rate == FULL_FT_LEARNING_RATE
+    evaluation = eval_config(EvaluationIn(safety_sets=[{"name": "builtin"}]))  # type: ignore[list-item]
+    assert dataclasses.replace(evaluation, safety_sets=()) == EvalConfig()
+    assert EvalConfig.from_dict(evaluation.to_dict()) == evaluation
+
+
+def test_the_api_imports_no_training_stack() -> None:
+    """The API never loads a model: importing it (routes, tasks to enqueue) loads no torch."""
+    code = (
+        "import sys, service.app, service.scoring_jobs.tasks, service.fine_tuning.tasks; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'matplotlib') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
