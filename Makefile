@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export SARFT_HOME ?= $(HOME)/.sarft
 
 .PHONY: install demo test test-fast lint format bench clean
 
@@ -32,6 +31,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker service trainer sarft bench tests
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .
