@@ -47,6 +47,7 @@ def _hyperparameters(
     lambda_kl: float | None,
     max_steps: int | None,
     dtype: str | None,
+    protocol: dict[str, str | None],
 ) -> dict[str, Any]:
     """The training hyperparameters that were set, under the API's names."""
     return _given(
@@ -58,6 +59,7 @@ def _hyperparameters(
             "lambda": lambda_kl,
             "max_steps": max_steps,
             "dtype": dtype,
+            **protocol,
         }
     )
 
@@ -103,6 +105,20 @@ def _evaluation(
     )
 
 
+SystemPrompt = Annotated[
+    str | None,
+    typer.Option(
+        "--system-prompt",
+        help="Training encoding: empty (the authors') | role | none (the template's default).",
+    ),
+]
+CENorm = Annotated[
+    str | None,
+    typer.Option(
+        "--ce-normalization",
+        help="sample_tokens (the authors': per sample over its tokens) | response_tokens.",
+    ),
+]
 TargetModules = Annotated[
     str | None, typer.Option("--target-modules", help="Comma-separated, e.g. q_proj,v_proj.")
 ]
@@ -126,7 +142,7 @@ def submit_fine_tuning(
     scoring_job: Annotated[
         str, typer.Option("--scoring-job", help="A succeeded scoring job of that dataset.")
     ],
-    method: Annotated[str, typer.Option("--method", help="sarft | sft | random")] = "sarft",
+    method: Annotated[str, typer.Option("--method", help="sarft | sft | random | flip")] = "sarft",
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Samples per optimizer step.")
@@ -142,6 +158,8 @@ def submit_fine_tuning(
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", min=1)] = None,
     target_modules: TargetModules = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 | bfloat16")] = None,
+    system_prompt: SystemPrompt = None,
+    ce_normalization: CENorm = None,
     eval_set: EvalSets = None,
     eval_file: EvalFiles = None,
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1)] = None,
@@ -158,8 +176,9 @@ def submit_fine_tuning(
 
     Prints the final job (with the evaluation before and after) and exits 0 if it succeeded.
     """
+    protocol = {"train_system_prompt": system_prompt, "ce_normalization": ce_normalization}
     hyper = _hyperparameters(
-        epochs, batch_size, micro_batch_size, learning_rate, lambda_kl, max_steps, dtype
+        epochs, batch_size, micro_batch_size, learning_rate, lambda_kl, max_steps, dtype, protocol
     )
     hyper.update(_lora_hyperparameter(full, lora_r, lora_alpha, target_modules))
     evaluation = _evaluation(no_eval, eval_set, eval_file, max_prompts, max_new_tokens)

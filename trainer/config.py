@@ -4,9 +4,11 @@
 The API's request schemas take their defaults from these dataclasses, so each default is
 written once, here.
 
-Defaults follow the SaRFT authors' released code where it has one (lambda 0.5, KL(ref || policy)
-at every non-pad position, effective batch 32, one epoch, prompt 512 / response 128 tokens, LoRA
-r=32, alpha=64 on q_proj and v_proj). The product delivers a LoRA adapter, so LoRA is the
+Defaults follow the SaRFT authors' released code (yulinlp/SaRFT, commit 7d123f4) where it has
+one: samples encoded with an explicit empty system message, CE per sample over its non-pad
+tokens, lambda 0.5, KL(ref || policy) at every non-pad position, effective batch 32, one epoch,
+a constant learning rate without warmup, prompt 512 / response 128 tokens, LoRA r=32, alpha=64,
+dropout 0 on q_proj and v_proj). The product delivers a LoRA adapter, so LoRA is the
 default; its learning rate is 1e-4. For full fine-tuning set ``lora=None`` and use the authors'
 2e-5.
 """
@@ -17,19 +19,25 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-Method = Literal["sarft", "sft", "random"]
+Method = Literal["sarft", "sft", "random", "flip"]
 KLDirection = Literal["ref_policy", "policy_ref"]
 KLPositions = Literal["all", "response"]
 Scheduler = Literal["linear", "constant"]
 DType = Literal["float32", "bfloat16"]
 
-METHODS = ("sarft", "sft", "random")
+METHODS = ("sarft", "sft", "random", "flip")
 KL_DIRECTIONS = ("ref_policy", "policy_ref")
 KL_POSITIONS = ("all", "response")
 SCHEDULERS = ("linear", "constant")
 DTYPES = ("float32", "bfloat16")
+TrainSystemPrompt = Literal["empty", "role", "none"]
+TRAIN_SYSTEM_PROMPTS = ("empty", "role", "none")
+CENormalization = Literal["sample_tokens", "response_tokens"]
+CE_NORMALIZATIONS = ("sample_tokens", "response_tokens")
 JudgeKind = Literal["phrases", "llm"]
 JUDGE_KINDS = ("phrases", "llm")
+EvalSetting = Literal["default", "in_character"]
+EVAL_SETTINGS: tuple[EvalSetting, ...] = ("default", "in_character")
 
 LORA_LEARNING_RATE = 1e-4
 FULL_FT_LEARNING_RATE = 2e-5  # the authors' rate for full fine-tuning
@@ -43,8 +51,8 @@ class LoraSettings:
     """Rank of the adapter matrices (the authors' default)."""
     alpha: int = 64
     """LoRA scaling numerator: the update is scaled by ``alpha / r``."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input during training."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input during training (the authors' 0)."""
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     """Names of the linear layers that get adapters (the authors' default)."""
 
@@ -65,7 +73,17 @@ class TrainConfig:
     method: Method = "sarft"
     """"sarft": CE on every sample plus the KL anchor on the RDS-flagged samples; "sft": CE only
     (no reference forward at all); "random": the KL anchor on a random subset of the same size as
-    the flagged one (the paper's control)."""
+    the flagged one; "flip": the KL anchor on the unflagged samples instead (the paper's two
+    controls)."""
+    train_system_prompt: TrainSystemPrompt = "empty"
+    """The system message training samples are encoded with: "empty", an explicit empty one (the
+    authors' collator; it also keeps a template's default system prompt out); "role", the role
+    prompt the flags were computed under; "none", no system message (a template's default
+    applies). The role prompt always feeds the flags."""
+    ce_normalization: CENormalization = "sample_tokens"
+    """"sample_tokens": each sample's summed response CE divided by all its non-pad tokens
+    (prompt included), then the mean over the batch's samples (the authors' code);
+    "response_tokens": the mean over every response token of the batch."""
     lambda_kl: float = 0.5
     """Weight of the KL term: ``loss = CE + lambda_kl * KL`` (0.5 in the authors' example)."""
     kl_direction: KLDirection = "ref_policy"
@@ -84,10 +102,10 @@ class TrainConfig:
     learning_rate: float = LORA_LEARNING_RATE
     """Peak AdamW learning rate. 1e-4 suits LoRA (the default); use 2e-5 for full fine-tuning,
     as the authors do."""
-    lr_scheduler: Scheduler = "linear"
+    lr_scheduler: Scheduler = "constant"
     """"linear": linear warmup over ``warmup_ratio`` of the steps, then linear decay towards 0;
-    "constant": the same warmup, then constant."""
-    warmup_ratio: float = 0.03
+    "constant": the same warmup, then constant (the authors' schedule, with no warmup)."""
+    warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming up (rounded up to whole steps)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, applied to every trainable parameter."""
@@ -117,6 +135,8 @@ class TrainConfig:
         _check_choice("kl_direction", self.kl_direction, KL_DIRECTIONS)
         _check_choice("kl_positions", self.kl_positions, KL_POSITIONS)
         _check_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _check_choice("train_system_prompt", self.train_system_prompt, TRAIN_SYSTEM_PROMPTS)
+        _check_choice("ce_normalization", self.ce_normalization, CE_NORMALIZATIONS)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.lambda_kl < 0:
             raise ValueError("lambda_kl must be >= 0")
@@ -220,8 +240,16 @@ class EvalConfig:
     """Cap on the held-out samples."""
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     """How refusals are judged."""
+    settings: tuple[EvalSetting, ...] = EVAL_SETTINGS
+    """How the questions are asked: "default", the model's own chat with no system message (the
+    authors' evaluation); "in_character", under the role prompt. Each is run before and after."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", tuple(self.settings))
+        if not self.settings or len(set(self.settings)) != len(self.settings):
+            raise ValueError("settings must name at least one setting, each once")
+        for setting in self.settings:
+            _check_choice("evaluation setting", setting, EVAL_SETTINGS)
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
         if min(self.max_prompts, self.max_new_tokens, self.batch_size) < 1:
@@ -235,6 +263,7 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON as stored with a job: a set without inline prompts has no ``prompts`` key."""
         data = asdict(self)
+        data["settings"] = list(self.settings)
         data["safety_sets"] = [
             {"name": s.name} if s.prompts is None else {"name": s.name, "prompts": list(s.prompts)}
             for s in self.safety_sets
@@ -249,6 +278,8 @@ class EvalConfig:
             for s in values.get("safety_sets", ())
         )
         values["judge"] = JudgeSettings(**values.get("judge", {}))
+        # Jobs stored before there were settings evaluated in character only.
+        values["settings"] = tuple(values.get("settings", ("in_character",)))
         return cls(**values)
 
 

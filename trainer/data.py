@@ -1,8 +1,9 @@
-"""Training examples: samples encoded under the role prompt, with their KL flag.
+"""Training examples: samples encoded for training, with their KL flag.
 
-A sample is encoded as the SaRFT collator does it: the chat template with the ROLE system
-prompt, prompt cut to its first 512 tokens, every assistant turn labelled with ``answer + EOS``
-cut to its first 128 tokens, and ``-100`` everywhere else (see :mod:`worker.encoding`).
+By default a sample is encoded as the SaRFT collator does it (``sys_prompt=""``): the chat
+template with an explicit empty system message, prompt cut to its first 512 tokens, every
+assistant turn labelled with ``answer + EOS`` cut to its first 128 tokens, and ``-100``
+everywhere else (see :mod:`worker.encoding`). The role prompt feeds only the flags.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import Method
+from trainer.config import Method, TrainSystemPrompt
 from trainer.loss import IGNORE_INDEX
 from worker.encoding import ChatEncoder, EncodingConfig
 from worker.formats import Sample
@@ -73,6 +74,14 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+# The empty system message is the scorer's reference condition: the same encoding.
+TRAINING_CONDITIONS: dict[str, Condition | None] = {
+    "empty": Condition.REF,
+    "role": Condition.ROLE,
+    "none": None,
+}
+
+
 def encode_examples(
     samples: Sequence[Sample],
     kl_flags: Sequence[int],
@@ -81,8 +90,11 @@ def encode_examples(
     *,
     max_prompt_tokens: int = 512,
     max_response_tokens: int = 128,
+    system_prompt: TrainSystemPrompt = "empty",
 ) -> list[TrainExample]:
-    """Encode every sample under the ROLE condition; ``kl_flags`` is one 0/1 per sample."""
+    """Encode every sample with ``system_prompt``'s system message (see
+    :attr:`trainer.config.TrainConfig.train_system_prompt`); ``kl_flags`` is one 0/1 per
+    sample."""
     if len(kl_flags) != len(samples):
         raise ValueError(f"{len(kl_flags)} KL flags for {len(samples)} samples")
     encoder = ChatEncoder(
@@ -94,7 +106,7 @@ def encode_examples(
     )
     examples: list[TrainExample] = []
     for sample, flag in zip(samples, kl_flags, strict=True):
-        encoded = encoder.encode(sample, Condition.ROLE)
+        encoded = encoder.encode(sample, TRAINING_CONDITIONS[system_prompt])
         labels = [IGNORE_INDEX] * len(encoded.token_ids)
         for start, end in encoded.response_spans:
             labels[start:end] = encoded.token_ids[start:end]
@@ -123,13 +135,16 @@ def select_kl_subset(flags: Sequence[bool | int], method: Method, seed: int = 0)
     """The 0/1 KL indicator per sample for a training method.
 
     "sarft": the RDS flags; "sft": all zeros; "random": as many ones as there are flags, at
-    positions drawn uniformly with ``seed`` (the same seed gives the same subset).
+    positions drawn uniformly with ``seed`` (the same seed gives the same subset); "flip": the
+    flags negated (the unflagged samples are anchored).
     """
     flagged = [int(bool(f)) for f in flags]
     if method == "sarft":
         return flagged
     if method == "sft":
         return [0] * len(flagged)
+    if method == "flip":
+        return [1 - f for f in flagged]
     if method == "random":
         chosen = set(random.Random(seed).sample(range(len(flagged)), sum(flagged)))
         return [int(i in chosen) for i in range(len(flagged))]

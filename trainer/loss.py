@@ -28,7 +28,7 @@ class LossParts:
     total: torch.Tensor
     """``ce + lambda * kl``: what is back-propagated."""
     ce: torch.Tensor
-    """Mean cross-entropy over the response tokens."""
+    """Response cross-entropy: a token mean, or the authors' per-sample normalisation."""
     kl: torch.Tensor
     """Mean over the batch rows of ``flag * per-sample KL`` (unflagged rows count as 0)."""
 
@@ -56,21 +56,37 @@ def kl_positions_mask(
 
 
 def response_ce(
-    logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_tokens: int | None = None,
+    *,
+    sample_tokens: torch.Tensor | None = None,
+    num_rows: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the response tokens: the sum over tokens divided by ``num_tokens``.
+    """Cross-entropy of the response tokens.
 
-    ``num_tokens`` defaults to this batch's response tokens (a plain token mean). Gradient
-    accumulation passes the count of the whole optimizer step, so that the micro-batch losses
-    add up to the mean over the effective batch.
+    Without ``sample_tokens``: the sum over tokens divided by ``num_tokens``, which defaults to
+    this batch's response tokens (a plain token mean). With ``sample_tokens`` ([B], each
+    sample's non-pad tokens, prompt included): each sample's summed CE divided by its count,
+    summed over the rows and divided by ``num_rows`` (default: this batch's rows), the
+    authors' normalisation. Gradient accumulation passes the whole optimizer step's counts, so
+    that the micro-batch losses add up to the effective batch's.
     """
     mask = response_positions(labels)
     targets = labels[:, 1:][mask[:, :-1]]
-    count = int(targets.numel()) if num_tokens is None else num_tokens
     if targets.numel() == 0:
         return logits.sum() * 0.0  # keeps the graph: nothing to learn from this batch
     picked = _at_least_fp32(logits[mask])
-    return F.cross_entropy(picked, targets, reduction="sum") / max(count, 1)
+    if sample_tokens is None:
+        count = int(targets.numel()) if num_tokens is None else num_tokens
+        return F.cross_entropy(picked, targets, reduction="sum") / max(count, 1)
+    per_token = F.cross_entropy(picked, targets, reduction="none")
+    # logits[mask] is row-major, so the nonzero rows line up with per_token.
+    rows = mask.nonzero(as_tuple=True)[0]
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device)
+    sums = sums.index_add(0, rows, per_token)
+    per_sample = sums / sample_tokens.clamp_min(1).to(sums.dtype)
+    return per_sample.sum() / max(labels.shape[0] if num_rows is None else num_rows, 1)
 
 
 def token_kl(
@@ -123,15 +139,23 @@ def sarft_loss(
     *,
     num_response_tokens: int | None = None,
     num_rows: int | None = None,
+    sample_tokens: torch.Tensor | None = None,
 ) -> LossParts:
     """``CE + lam * mean_b(flag_b * KL_b)``.
 
     ``ref_logits`` holds every row, or only the flagged rows (in order): the reference forward
     need not run on the others. It may be None when ``lam == 0`` or no row is flagged: the KL is
     then 0 and no reference forward is needed. ``num_response_tokens`` and ``num_rows`` override
-    this batch's counts as the CE and KL denominators (see :func:`response_ce`).
+    this batch's counts as the CE and KL denominators; ``sample_tokens`` switches the CE to the
+    authors' per-sample normalisation (see :func:`response_ce`).
     """
-    ce = response_ce(policy_logits, labels, num_response_tokens)
+    ce = response_ce(
+        policy_logits,
+        labels,
+        num_response_tokens,
+        sample_tokens=sample_tokens,
+        num_rows=num_rows,
+    )
     rows = labels.shape[0] if num_rows is None else num_rows
     flagged = flags.bool()
     if lam == 0 or not bool(flagged.any()):

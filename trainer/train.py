@@ -180,6 +180,10 @@ def _micro_batch_loss(
         config.kl_positions,
         num_response_tokens=step_tokens,
         num_rows=step_rows,
+        # Each row's non-pad tokens, counted over the whole row even when logits are sliced.
+        sample_tokens=(
+            batch.attention_mask.sum(1) if config.ce_normalization == "sample_tokens" else None
+        ),
     )
 
 
@@ -308,7 +312,8 @@ def fine_tune(
     on_step: Callable[[StepMetrics], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place on ``samples`` (encoded under the role prompt).
+    """Fine-tune ``model`` in place on ``samples`` (encoded as ``config.train_system_prompt``
+    says).
 
     ``flags`` are the RDS flags, one per sample; ``config.method`` turns them into the KL
     subset. With LoRA the model is wrapped in a ``PeftModel`` (returned as ``result.model``) and
@@ -331,6 +336,7 @@ def fine_tune(
         prompts,
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
+        system_prompt=config.train_system_prompt,
     )
     name = base_model_name or getattr(model, "name_or_path", None) or None
     policy, reference = _prepare(model, config, name)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from worker.formats import Message, Sample
 from worker.prompts import Condition, RolePrompts
+
+NO_SYSTEM = "none"
+"""The prefix key of samples encoded with no system message."""
 
 # Stands in for the first user message when rendering a condition's shared
 # prefix; it must not occur in any template.
@@ -97,9 +101,17 @@ class ChatEncoder:
         self.supports_system = template_supports_system(tokenizer)
         self.prefixes = {c: self._prefix(c) for c in Condition}
 
-    def _messages(self, condition: Condition, turns: Sequence[Message]) -> list[dict[str, str]]:
-        system = self.prompts.system_text(condition)
+    @cached_property
+    def no_system_prefix(self) -> Prefix:
+        return self._prefix(None)
+
+    def _messages(
+        self, condition: Condition | None, turns: Sequence[Message]
+    ) -> list[dict[str, str]]:
         out = [{"role": m.role, "content": m.content} for m in turns]
+        if condition is None:  # no system message: the template's own default applies
+            return out
+        system = self.prompts.system_text(condition)
         if self.supports_system:
             return [{"role": "system", "content": system}, *out]
         out[0] = {"role": "user", "content": system + " " + out[0]["content"]}
@@ -114,16 +126,20 @@ class ChatEncoder:
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _prefix(self, condition: Condition) -> Prefix:
+    def _prefix(self, condition: Condition | None) -> Prefix:
         rendered = self._render(
             self._messages(condition, [Message(role="user", content=_PLACEHOLDER)]), True
         )
         text = rendered[: rendered.index(_PLACEHOLDER)]
         ids = self._tokenize(text)[: self.config.max_prompt_tokens]
+        if condition is None:
+            return Prefix(key=NO_SYSTEM, token_ids=tuple(ids))
         key = f"{condition.value}:{self.prompts.hashes()[condition.value]}"
         return Prefix(key=key, token_ids=tuple(ids))
 
-    def encode(self, sample: Sample, condition: Condition) -> EncodedSequence:
+    def encode(self, sample: Sample, condition: Condition | None) -> EncodedSequence:
+        """``sample`` under ``condition``'s system prompt; None encodes it with no system
+        message (training may use that; scoring never does)."""
         turns = [m for m in sample.messages if m.role != "system"]
         messages = self._messages(condition, turns)
         offset = len(messages) - len(turns)  # 1 when a system message leads
@@ -149,7 +165,7 @@ class ChatEncoder:
             emitted = prompt_text + turn.content + eos
         if not spans:
             raise EncodingError(f"line {sample.line}: no assistant turn to score")
-        prefix = self.prefixes[condition]
+        prefix = self.prefixes[condition] if condition is not None else self.no_system_prefix
         shared = min(_common_prefix_len(token_ids, prefix.token_ids), spans[0][0] - 1)
         return EncodedSequence(token_ids, tuple(spans), prefix, max(shared, 0), truncated)
 

@@ -12,10 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainer.config import (
+    EVAL_SETTINGS,
     FULL_FT_LEARNING_RATE,
     LORA_LEARNING_RATE,
+    CENormalization,
     DType,
     EvalConfig,
+    EvalSetting,
     JudgeKind,
     JudgeSettings,
     KLDirection,
@@ -24,9 +27,11 @@ from trainer.config import (
     Method,
     Scheduler,
     TrainConfig,
+    TrainSystemPrompt,
 )
 from trainer.run_spec import Phase
 
+_SCORING_TRUNCATION = "the scoring job's (its flags were computed on that encoding)."
 _TRAIN, _LORA, _EVAL, _JUDGE = TrainConfig(), LoraSettings(), EvalConfig(), JudgeSettings()
 
 
@@ -79,8 +84,22 @@ class Hyperparameters(BaseModel):
     warmup_ratio: float = Field(default=_TRAIN.warmup_ratio, ge=0, lt=1)
     weight_decay: float = Field(default=_TRAIN.weight_decay, ge=0)
     max_grad_norm: float = Field(default=_TRAIN.max_grad_norm, gt=0)
-    max_prompt_tokens: int = Field(default=_TRAIN.max_prompt_tokens, ge=1, le=32768)
-    max_response_tokens: int = Field(default=_TRAIN.max_response_tokens, ge=1, le=32768)
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, le=32768, description=f"Default and only value: {_SCORING_TRUNCATION}"
+    )
+    max_response_tokens: int | None = Field(
+        default=None, ge=1, le=32768, description=f"Default and only value: {_SCORING_TRUNCATION}"
+    )
+    train_system_prompt: TrainSystemPrompt = Field(
+        default=_TRAIN.train_system_prompt,
+        description="The system message training samples are encoded with: empty (the "
+        "authors'), role (the role prompt) or none (the template's default).",
+    )
+    ce_normalization: CENormalization = Field(
+        default=_TRAIN.ce_normalization,
+        description="sample_tokens: each sample's response CE over its non-pad tokens, then the "
+        "batch mean (the authors'); response_tokens: the mean over response tokens.",
+    )
     seed: int = _TRAIN.seed
     dtype: DType = _TRAIN.dtype
     lora: LoraIn | None = Field(
@@ -145,6 +164,13 @@ class EvaluationIn(BaseModel):
     )
     max_validation: int = Field(default=_EVAL.max_validation, ge=0, le=10_000)
     judge: JudgeIn = Field(default_factory=JudgeIn)
+    settings: list[EvalSetting] = Field(
+        default_factory=lambda: list(_EVAL.settings),
+        min_length=1,
+        max_length=len(EVAL_SETTINGS),
+        description="default: the model's own chat with no system message (the authors'); "
+        "in_character: under the role prompt. Each is run before and after training.",
+    )
 
 
 class FineTuningJobCreate(BaseModel):

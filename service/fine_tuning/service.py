@@ -23,6 +23,7 @@ from service.fine_tuning.schemas import (
 from service.fine_tuning.tasks import enqueue
 from service.models import FineTuningJob, JobStatus
 from service.scoring_jobs import service as scoring_jobs
+from service.scoring_jobs.tasks import scoring_encoding
 from trainer.config import (
     EvalConfig,
     JudgeSettings,
@@ -33,20 +34,44 @@ from trainer.config import (
     default_learning_rate,
 )
 from trainer.run_spec import Phase
+from worker.encoding import EncodingConfig
 
 _DEFAULT_MICRO_BATCH = TrainConfig().micro_batch_size
+_TRUNCATION = ("max_prompt_tokens", "max_response_tokens")
 
 
-def train_config(method: Method, hp: Hyperparameters) -> TrainConfig:
-    """The trainer's config for a request; inconsistent values are a 422 naming the field."""
+def train_config(
+    method: Method, hp: Hyperparameters, scoring: EncodingConfig | None = None
+) -> TrainConfig:
+    """The trainer's config for a request; inconsistent values are a 422 naming the field.
+
+    Samples are truncated as the scoring job truncated them (``scoring``): the flags belong to
+    that encoding, so a request may repeat its values but not change them.
+    """
+    scoring = scoring or EncodingConfig()
+    for name in _TRUNCATION:
+        given, scored = getattr(hp, name), getattr(scoring, name)
+        if given is not None and given != scored:
+            raise Unprocessable(
+                f"{name} must be the scoring job's ({scored}): its flags were computed on that "
+                f"truncation, got {given}",
+                param=f"hyperparameters.{name}",
+            )
     lora = None if hp.lora is None else LoraSettings(**hp.lora.model_dump())
     rate = hp.learning_rate or default_learning_rate(lora is not None)
     micro = hp.micro_batch_size or min(_DEFAULT_MICRO_BATCH, hp.batch_size)
     # The request's names are the trainer's (``lambda`` is the alias of ``lambda_kl``).
-    same = hp.model_dump(exclude={"lora", "learning_rate", "micro_batch_size"})
+    derived = {"lora", "learning_rate", "micro_batch_size", *_TRUNCATION}
+    same = hp.model_dump(exclude=derived)
     try:
         return TrainConfig(
-            method=method, lora=lora, learning_rate=rate, micro_batch_size=micro, **same
+            method=method,
+            lora=lora,
+            learning_rate=rate,
+            micro_batch_size=micro,
+            max_prompt_tokens=scoring.max_prompt_tokens,
+            max_response_tokens=scoring.max_response_tokens,
+            **same,
         )
     except ValueError as exc:
         raise Unprocessable(str(exc), param="hyperparameters") from exc
@@ -73,10 +98,13 @@ def eval_config(evaluation: EvaluationIn) -> EvalConfig:
             SafetySet(s.name, None if s.prompts is None else tuple(s.prompts))
             for s in evaluation.safety_sets
         )
-    numbers = evaluation.model_dump(exclude={"safety_sets", "judge"})
+    numbers = evaluation.model_dump(exclude={"safety_sets", "judge", "settings"})
     try:
         return EvalConfig(
-            safety_sets=sets, judge=JudgeSettings(**evaluation.judge.model_dump()), **numbers
+            safety_sets=sets,
+            judge=JudgeSettings(**evaluation.judge.model_dump()),
+            settings=tuple(evaluation.settings),
+            **numbers,
         )
     except ValueError as exc:
         raise Unprocessable(str(exc), param="evaluation") from exc
@@ -96,7 +124,7 @@ def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineT
             "so it must have succeeded",
             param="scoring_job_id",
         )
-    config = train_config(body.method, body.hyperparameters)
+    config = train_config(body.method, body.hyperparameters, scoring_encoding(scoring))
     plan = None if body.evaluation is None else eval_config(body.evaluation)
     job = FineTuningJob(
         id=new_id("ftjob"),

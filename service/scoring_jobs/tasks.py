@@ -31,7 +31,7 @@ from service.datasets.repository import load_samples
 from service.models import Dataset, JobStatus, Role, SampleScore, ScoringJob, ScoringShard
 from service.roles.service import prompts_of
 from worker.bundled import BUNDLED_ALIAS, is_bundled
-from worker.encoding import ChatEncoder
+from worker.encoding import ChatEncoder, EncodingConfig
 from worker.results import RunStats, SampleScores
 from worker.scoring.backends import ScoreConfig, ScoringBackend, build_backend
 from worker.scoring.engine import score_samples
@@ -71,6 +71,11 @@ def default_config() -> ScoreConfig:
     )
 
 
+def scoring_encoding(job: ScoringJob) -> EncodingConfig:
+    """The truncation a job's samples are scored with; fine-tuning on its flags uses it too."""
+    return EncodingConfig()
+
+
 def _config(job: ScoringJob) -> ScoreConfig:
     return ScoreConfig(
         model=None if is_bundled(job.model) else job.model,
@@ -79,6 +84,7 @@ def _config(job: ScoringJob) -> ScoreConfig:
         batch_size=job.batch_size,
         margin=job.margin,
         compute_reference=job.compute_reference,
+        encoding=scoring_encoding(job),
     )
 
 

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
+from service.core.errors import Unprocessable
 from service.fine_tuning.schemas import EvaluationIn, Hyperparameters, JudgeIn, LoraIn
 from service.fine_tuning.service import eval_config, train_config
 from tests.service.conftest import REPO
@@ -21,9 +23,16 @@ from trainer.config import (
     LoraSettings,
     TrainConfig,
 )
+from worker.encoding import EncodingConfig
 
 # Request fields whose default the service derives instead of copying one.
-DERIVED = {"learning_rate", "micro_batch_size", "safety_sets"}
+DERIVED = {
+    "learning_rate",
+    "micro_batch_size",
+    "max_prompt_tokens",
+    "max_response_tokens",
+    "safety_sets",
+}
 
 
 def _default(value: Any) -> Any:
@@ -64,9 +73,20 @@ def test_an_empty_request_gives_the_trainers_configs() -> None:
     assert lora == TrainConfig(micro_batch_size=4, learning_rate=LORA_LEARNING_RATE)
     full = train_config("sarft", Hyperparameters(lora=None))
     assert full.lora is None and full.learning_rate == FULL_FT_LEARNING_RATE
+    assert (lora.max_prompt_tokens, lora.max_response_tokens) == (512, 128)  # the scoring's
     evaluation = eval_config(EvaluationIn(safety_sets=[{"name": "builtin"}]))  # type: ignore[list-item]
     assert dataclasses.replace(evaluation, safety_sets=()) == EvalConfig()
     assert EvalConfig.from_dict(evaluation.to_dict()) == evaluation
+
+
+def test_truncation_is_the_scoring_jobs() -> None:
+    """The flags belong to the scoring encoding: a request may repeat it, not change it."""
+    scoring = EncodingConfig(max_prompt_tokens=300, max_response_tokens=64)
+    config = train_config("sarft", Hyperparameters(), scoring)
+    assert (config.max_prompt_tokens, config.max_response_tokens) == (300, 64)
+    assert train_config("sarft", Hyperparameters(max_prompt_tokens=300), scoring) == config
+    with pytest.raises(Unprocessable, match="max_prompt_tokens must be the scoring job's"):
+        train_config("sarft", Hyperparameters(max_prompt_tokens=512), scoring)
 
 
 def test_the_api_imports_no_training_stack() -> None:

@@ -91,6 +91,25 @@ def test_response_ce_with_a_step_token_count_is_a_share_of_the_step_mean() -> No
     )
 
 
+def test_sample_tokens_ce_is_the_authors_normalisation() -> None:
+    """Each row's summed response CE over its non-pad tokens (prompt included), batch-averaged."""
+    policy, _, labels, attention = crafted_batch()
+    per_row = []
+    for b in range(B):
+        row_ce = manual_ce(policy[b : b + 1], labels[b : b + 1])
+        n_response = int((labels[b, 1:] != IGNORE_INDEX).sum())
+        per_row.append(row_ce * n_response / int(attention[b].sum()))
+    expected = sum(per_row) / B
+    tokens = attention.sum(1)
+    got = response_ce(policy, labels, sample_tokens=tokens)
+    assert got.item() == pytest.approx(expected, abs=1e-9)
+    # A micro-batch of an effective batch twice as large contributes half.
+    half = response_ce(policy, labels, sample_tokens=tokens, num_rows=2 * B)
+    assert half.item() == pytest.approx(expected / 2, abs=1e-12)
+    parts = sarft_loss(policy, None, labels, attention, torch.zeros(B), 0.0, sample_tokens=tokens)
+    assert parts.ce.item() == pytest.approx(expected, abs=1e-9)
+
+
 @pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
 @pytest.mark.parametrize("positions", ["all", "response"])
 def test_per_sample_kl_matches_a_manual_sum_over_the_vocabulary(

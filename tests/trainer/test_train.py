@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import trainer.train as train_module
-from tests.conftest import read_rolebench_rows, rows_to_samples
+from tests.conftest import (
+    read_rolebench_rows,
+    reference_label_ids,
+    reference_prompt_ids,
+    rows_to_samples,
+)
 from trainer.config import LoraSettings, TrainConfig
 from trainer.data import collate, encode_examples, pad_token_id, select_kl_subset
 from trainer.loss import IGNORE_INDEX
@@ -100,7 +105,9 @@ def count_forwards(model: Any) -> list[int]:
 
 
 def test_examples_label_the_role_encoding_and_pad_right(tiny_tokenizer: Any) -> None:
-    examples = encode_examples(SAMPLES[:4], FLAGS[:4], tiny_tokenizer, PROMPTS)
+    examples = encode_examples(
+        SAMPLES[:4], FLAGS[:4], tiny_tokenizer, PROMPTS, system_prompt="role"
+    )
     encoder = ChatEncoder(tiny_tokenizer, PROMPTS)
     for sample, example, flag in zip(SAMPLES[:4], examples, FLAGS[:4], strict=True):
         encoded = encoder.encode(sample, Condition.ROLE)
@@ -119,9 +126,35 @@ def test_examples_label_the_role_encoding_and_pad_right(tiny_tokenizer: Any) -> 
     assert batch.kl_flags.tolist() == [float(f) for f in FLAGS[:4]]
 
 
+@pytest.mark.parametrize("tokenizer_name", ["bundled_tokenizer", "tiny_tokenizer"])
+def test_default_encoding_is_the_authors(
+    tokenizer_name: str, request: pytest.FixtureRequest
+) -> None:
+    """An explicit empty system message, label = answer + EOS, prompt 512 and label 128 tokens:
+    checked against the plain construction of tests/conftest.py, with and without a template
+    system role."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    supports_system = tokenizer_name == "bundled_tokenizer"
+    long = make_samples([("Tell me everything. " * 200, "Every detail, at length. " * 80)])
+    samples = [*SAMPLES[:3], *long]
+    examples = encode_examples(samples, [0] * len(samples), tokenizer, PROMPTS)
+    assert TrainConfig().train_system_prompt == "empty"
+    for sample, example in zip(samples, examples, strict=True):
+        question, answer = sample.messages[0].content, sample.messages[1].content
+        prompt = reference_prompt_ids(tokenizer, "", question, supports_system=supports_system)
+        label = reference_label_ids(tokenizer, answer)
+        assert example.input_ids == prompt + label
+        assert example.labels == [IGNORE_INDEX] * len(prompt) + label
+    assert len(examples[-1].input_ids) == 512 + 128  # both cuts applied
+    role = encode_examples(SAMPLES[:1], [0], tokenizer, PROMPTS, system_prompt="role")
+    none = encode_examples(SAMPLES[:1], [0], tokenizer, PROMPTS, system_prompt="none")
+    assert len({tuple(e[0].input_ids) for e in (role, none, examples)}) == 3
+
+
 def test_kl_subset_per_method() -> None:
     assert select_kl_subset(FLAGS, "sarft") == FLAGS
     assert select_kl_subset(FLAGS, "sft") == [0] * len(FLAGS)
+    assert select_kl_subset(FLAGS, "flip") == [1 - f for f in FLAGS]  # exactly the unflagged
     subset = select_kl_subset(FLAGS, "random", seed=3)
     assert sum(subset) == sum(FLAGS) and len(subset) == len(FLAGS)
     assert select_kl_subset(FLAGS, "random", seed=3) == subset
@@ -262,6 +295,32 @@ def test_random_method_anchors_as_many_samples_as_are_flagged(
     assert result.num_kl_samples == sum(FLAGS)
     assert sum(h["kl_samples"] for h in result.history) == sum(FLAGS)
     assert result.history[-1]["kl"] > 0
+
+
+def test_flip_anchors_exactly_the_unflagged_samples(
+    model: Any, tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    config = quick_config(method="flip")  # 2 steps of 8 cover every sample
+    result = fine_tune(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
+    assert result.num_kl_samples == len(FLAGS) - sum(FLAGS)
+    assert sum(h["kl_samples"] for h in result.history) == len(FLAGS) - sum(FLAGS)
+    assert result.history[-1]["kl"] > 0
+
+
+def test_lambda_zero_trains_exactly_as_sft(
+    tiny_model: Any, tiny_tokenizer: Any, tmp_path: Path
+) -> None:
+    runs = {}
+    for name, overrides in (("sft", {"method": "sft"}), ("zero", {"lambda_kl": 0.0})):
+        model = copy.deepcopy(tiny_model)
+        config = quick_config(max_steps=2, **overrides)
+        result = fine_tune(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path / name)
+        runs[name] = (result.history, probe_logits(result.model, tiny_tokenizer))
+    (sft_history, sft_logits), (zero_history, zero_logits) = runs["sft"], runs["zero"]
+    # Equal up to summation order: sarft orders its flagged rows first into the micro-batches.
+    assert [h["loss"] for h in zero_history] == pytest.approx([h["loss"] for h in sft_history])
+    assert all(h["kl"] == 0 for h in zero_history)
+    torch.testing.assert_close(zero_logits, sft_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_should_stop_ends_the_run_without_a_checkpoint(
