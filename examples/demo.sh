@@ -59,8 +59,14 @@ python3 - "$OUT/fine-tuning-job.json" <<'EOF'
 import json, sys
 job = json.load(open(sys.argv[1]))
 ev = job["result"]["evaluation"]
-for which in ("base", "tuned"):
-    rates = ", ".join(f"{k} {v:.0%}" for k, v in ev[which]["refusal_rate"].items())
-    print(f"{which:>5}: refusal {rates}; ROUGE-L {ev[which]['rouge_l']:.1f}")
+names = {"default": "default chat", "in_character": "in character"}
+for setting, name in names.items():
+    for which in ("base", "tuned"):
+        got = ev[which][setting]
+        rates = ", ".join(
+            f"{k} {v:.0%} (95% CI {lo:.0%}-{hi:.0%})"
+            for (k, v), (lo, hi) in zip(got["refusal_rate"].items(), got["refusal_ci95"].values())
+        )
+        print(f"{name:>12}, {which:>5}: refusal {rates}; ROUGE-L {got['rouge_l']:.1f}")
 EOF
 echo "open $OUT/report.html; the adapter is $OUT/adapter.tar.gz"

@@ -9,6 +9,7 @@ the ``rouge-score`` package, as the SaRFT code computes it) against held-out ref
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from worker.prompts import Condition, RolePrompts
 __all__ = [
     "EvalResult", "FidelityExample", "FidelityResult", "SafetyExample", "SafetyResult",
     "evaluate_model", "generate", "generate_ids", "question_and_reference", "refusal_rate",
-    "render_question", "rouge_l", "rouge_l_f1", "split_validation",
+    "render_question", "rouge_l", "rouge_l_f1", "split_validation", "wilson_interval",
 ]  # fmt: skip
 
 Progress = Callable[[int, int], None]
@@ -53,6 +54,19 @@ class SafetyResult:
     judge: str
     examples: tuple[SafetyExample, ...]
     """The first few (prompt, response, refused) triples, in prompt-set order."""
+    ci95: tuple[float, float] = (0.0, 1.0)
+    """Wilson 95% interval of ``refusal_rate`` (its n prompts are a sample of harmful requests)."""
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion: sound at 0 and at n successes too,
+    where the normal approximation collapses to a point."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +243,8 @@ def refusal_rate(
     n_examples: int = 5,
     progress: Progress | None = None,
 ) -> SafetyResult:
-    """Generate an answer to every harmful prompt in character and judge it."""
+    """Generate an answer to every harmful prompt and judge it; ``role_prompts`` None asks in
+    the model's default chat, otherwise in character."""
     prompts = prompt_set.prompts
     if not prompts:
         raise ValueError(f"prompt set {prompt_set.name!r} is empty")
@@ -238,8 +253,14 @@ def refusal_rate(
     )
     verdicts = [judge.judge(p, r) for p, r in zip(prompts, responses, strict=True)]
     examples = tuple(map(SafetyExample, prompts[:n_examples], responses, verdicts))
+    refused = sum(verdicts)
     return SafetyResult(
-        prompt_set.name, len(verdicts), sum(verdicts) / len(verdicts), judge.name, examples
+        prompt_set.name,
+        len(verdicts),
+        refused / len(verdicts),
+        judge.name,
+        examples,
+        wilson_interval(refused, len(verdicts)),
     )
 
 
@@ -263,7 +284,8 @@ def rouge_l(
     n_examples: int = 5,
     progress: Progress | None = None,
 ) -> FidelityResult:
-    """Mean ROUGE-L F1 (x100) of in-character answers against the reference answers."""
+    """Mean ROUGE-L F1 (x100) of the answers against the reference answers (in character, or in
+    the default chat when ``role_prompts`` is None)."""
     if len(questions) != len(references):
         raise ValueError(f"{len(questions)} questions but {len(references)} references")
     if not questions:

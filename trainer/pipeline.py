@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +183,13 @@ class _Evaluator:
             "safety_sets": [s.name for s in self.sets],
             "prompts": sum(len(s) for s in self.sets),
             "validation": len(self.fidelity),
+            "settings": list(self.plan.settings),
         }
 
-    def run(self, model: Any, tokenizer: Any, which: str, hooks: RunHooks) -> dict[str, Any]:
+    def run(
+        self, model: Any, tokenizer: Any, which: str, hooks: RunHooks
+    ) -> dict[str, dict[str, Any]]:
+        """Every setting's ``EvalResult.to_dict()``, by setting name."""
         last_check = time.monotonic()
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -197,18 +201,27 @@ class _Evaluator:
                 if hooks.should_stop():
                     raise RunCancelled
 
-        result = evaluate_model(
-            model,
-            tokenizer,
-            self.prompts,
-            self.sets,
-            self.judge,
-            self.fidelity,
-            max_new_tokens=self.plan.max_new_tokens,
-            batch_size=self.plan.batch_size,
-            progress=progress,
-        )
-        return result.to_dict()
+        def staged(setting: str) -> Callable[[str, int, int], None]:
+            def setting_progress(stage: str, done: int, total: int) -> None:
+                progress(f"{setting} {stage}", done, total)
+
+            return setting_progress
+
+        results: dict[str, dict[str, Any]] = {}
+        for setting in self.plan.settings:
+            result = evaluate_model(
+                model,
+                tokenizer,
+                self.prompts if setting == "in_character" else None,
+                self.sets,
+                self.judge,
+                self.fidelity,
+                max_new_tokens=self.plan.max_new_tokens,
+                batch_size=self.plan.batch_size,
+                progress=staged(setting),
+            )
+            results[setting] = result.to_dict()
+        return results
 
 
 def _safety_sets(plan: EvalConfig, configured: Mapping[str, Path]) -> list[PromptSet]:

@@ -36,12 +36,13 @@ class TrainingSection(TypedDict):
 
 
 class EvaluationSection(TypedDict):
-    base: dict[str, Any] | None
-    """``EvalResult.to_dict()`` of the base model: {"safety": [{"name", "n", "refusal_rate",
+    base: dict[str, dict[str, Any]] | None
+    """By setting ("default": no system message, "in_character": the role prompt), the base
+    model's ``EvalResult.to_dict()``: {"safety": [{"name", "n", "refusal_rate", "ci95",
     "judge", "examples": [{"prompt", "response", "refused"}]}], "fidelity": {"n", "rouge_l",
     "examples": [{"question", "reference", "response", "rouge_l"}]} | null}. Examples may
     also be positional lists in that field order."""
-    tuned: dict[str, Any] | None
+    tuned: dict[str, dict[str, Any]] | None
 
 
 class Report(TypedDict, total=False):
@@ -76,15 +77,19 @@ def history_row(record: Mapping[str, float]) -> HistoryRow:
 
 
 def evaluation_summary(evaluation: EvaluationSection) -> dict[str, Any]:
-    """Headline numbers per evaluated model: refusal rate per safety set and ROUGE-L."""
+    """Headline numbers per evaluated model and setting: refusal rate (with its 95% interval)
+    per safety set, and ROUGE-L."""
     out: dict[str, Any] = {}
-    for which, result in (("base", evaluation["base"]), ("tuned", evaluation["tuned"])):
-        if result is None:
+    for which, settings in (("base", evaluation["base"]), ("tuned", evaluation["tuned"])):
+        if settings is None:
             continue
-        fidelity = result.get("fidelity")
         out[which] = {
-            "refusal_rate": {s["name"]: s["refusal_rate"] for s in result["safety"]},
-            "rouge_l": None if fidelity is None else fidelity["rouge_l"],
+            setting: {
+                "refusal_rate": {s["name"]: s["refusal_rate"] for s in result["safety"]},
+                "refusal_ci95": {s["name"]: s["ci95"] for s in result["safety"]},
+                "rouge_l": None if result["fidelity"] is None else result["fidelity"]["rouge_l"],
+            }
+            for setting, result in settings.items()
         }
     return out
 

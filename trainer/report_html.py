@@ -198,10 +198,7 @@ def _safety_html(evals: Sequence[Side]) -> str:
     out = _bars(
         "Refusal rate on harmful prompts", "% refused", names, _present(evals, percent), 105
     )
-    rows = [
-        [n, *(NOT_RUN if r is None else f"{100 * r:.1f}%" for r in col)]
-        for n, *col in zip(names, *rates, strict=True)
-    ]
+    rows = [[n, *(_rate(side.get(n)) for side in sets)] for n in names]
     out += _table(("prompt set", *SIDES), rows)
     for name in names:
         examples = [side.get(name, {}).get("examples") or [] for side in sets]
@@ -209,8 +206,19 @@ def _safety_html(evals: Sequence[Side]) -> str:
             [prompt, *map(_verdict, pair)]
             for prompt, *pair in _paired(examples, "prompt", ("prompt", "response", "refused"))
         ]
-        out += f"<h4>Examples: {escape(name)}</h4>" + _table(("prompt", *SIDES), rows)
+        out += f"<h5>Examples: {escape(name)}</h5>" + _table(("prompt", *SIDES), rows)
     return out
+
+
+def _rate(result: Mapping[str, Any] | None) -> str:
+    """ "75.0% [62.1, 84.6]": the refusal rate and its 95% interval, when known."""
+    rate = None if result is None else _num(result.get("refusal_rate"))
+    if rate is None:
+        return NOT_RUN
+    interval = result.get("ci95") if result is not None else None
+    if not interval or len(interval) != 2:
+        return f"{100 * rate:.1f}%"
+    return f"{100 * rate:.1f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def _verdict(example: Mapping[str, Any] | None) -> str:
@@ -236,22 +244,34 @@ def _fidelity_html(evals: Sequence[Side]) -> str:
          *(e.get("response", "") if e else NOT_RUN for e in pair)]
         for q, *pair in _paired([r.get("examples") or [] for r in results], "question", fields)
     ]  # fmt: skip
-    out += "<h4>Examples: held-out questions</h4>"
+    out += "<h5>Examples: held-out questions</h5>"
     return out + _table(("question", "reference", *SIDES), rows)
 
 
+SETTING_TITLES = {
+    "default": "Default chat (no system message)",
+    "in_character": "In character (the role prompt)",
+}
+
+
 def _evaluation_html(evaluation: Mapping[str, Any] | None) -> str:
-    evals: list[Side] = [(evaluation or {}).get(side) or {} for side in SIDES]
-    if not any(evals):
+    """One part per evaluation setting, each with both models side by side."""
+    models: list[Mapping[str, Any]] = [(evaluation or {}).get(side) or {} for side in SIDES]
+    settings = list(dict.fromkeys(setting for model in models for setting in model))
+    if not settings:
         return f"<p>Evaluation: {NOT_RUN}.</p>"
-    notes = "".join(
-        f"<p>{label} model: {NOT_RUN}.</p>"
-        for label, ev in zip(SIDES, evals, strict=True)
-        if not ev
-    )
-    return (
-        f"{notes}<h3>Safety</h3>{_safety_html(evals)}<h3>Role fidelity</h3>{_fidelity_html(evals)}"
-    )
+    out = ""
+    for setting in settings:
+        evals: list[Side] = [model.get(setting) or {} for model in models]
+        notes = "".join(
+            f"<p>{label} model: {NOT_RUN}.</p>"
+            for label, ev in zip(SIDES, evals, strict=True)
+            if not ev
+        )
+        out += f"<h3>{escape(SETTING_TITLES.get(setting, setting))}</h3>{notes}"
+        out += f"<h4>Safety</h4>{_safety_html(evals)}"
+        out += f"<h4>Role fidelity</h4>{_fidelity_html(evals)}"
+    return out
 
 
 _CSS = (

@@ -95,7 +95,8 @@ def test_readme_walkthrough_runs_as_written(embedded_server: dict[str, str]) -> 
     training = json.loads(next(line for line in printed if '"num_kl_samples"' in line))
     assert training["steps"] == 2 and training["num_train"] + training["num_validation"] == 36
     assert training["num_kl_samples"] == training["num_flagged"]  # method sarft
-    assert set(training["evaluation"]["tuned"]["refusal_rate"]) == {"builtin"}
+    for setting in ("default", "in_character"):
+        assert set(training["evaluation"]["tuned"][setting]["refusal_rate"]) == {"builtin"}
     assert (
         "adapter/adapter_config.json" in printed and "adapter/adapter_model.safetensors" in printed
     )

@@ -89,9 +89,13 @@ def test_train_evaluate_download(
     assert result["num_validation"] == 2 and result["num_train"] == 10  # round(0.2 * 12)
     assert result["steps"] == 2 and result["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for which in ("base", "tuned"):
-        rates = result["evaluation"][which]["refusal_rate"]
-        assert set(rates) == {"advbench"} and 0.0 <= rates["advbench"] <= 1.0
-        assert 0.0 <= result["evaluation"][which]["rouge_l"] <= 100.0
+        assert set(result["evaluation"][which]) == {"default", "in_character"}
+        for setting in result["evaluation"][which].values():
+            rates = setting["refusal_rate"]
+            assert set(rates) == {"advbench"} and 0.0 <= rates["advbench"] <= 1.0
+            low, high = setting["refusal_ci95"]["advbench"]
+            assert low <= rates["advbench"] <= high
+            assert 0.0 <= setting["rouge_l"] <= 100.0
 
     messages = [e["message"] for e in client.get(f"{FT}/{job['id']}/events?limit=100",
                                                  headers=h).json()["data"]]  # fmt: skip
@@ -131,7 +135,8 @@ def test_train_evaluate_download(
     assert set(report) >= {"job", "scoring", "training", "evaluation"}
     assert len(report["scoring"]["points"]) == 12
     assert [row["step"] for row in report["training"]["history"]] == [1, 2]
-    assert report["evaluation"]["tuned"]["safety"][0]["n"] == 3
+    assert report["evaluation"]["tuned"]["default"]["safety"][0]["n"] == 3
+    assert report["evaluation"]["tuned"]["in_character"]["safety"][0]["n"] == 3
     html = client.get(f"{FT}/{job['id']}/report?format=html", headers=h)
     assert html.headers["content-type"].startswith("text/html")
     assert html.text.lstrip().lower().startswith("<!doctype html")

@@ -28,6 +28,7 @@ from trainer.evaluate import (
     rouge_l,
     rouge_l_f1,
     split_validation,
+    wilson_interval,
 )
 from trainer.refusal import JudgeError, LLMJudge, PhraseJudge, parse_guard_verdict
 from worker.encoding import template_supports_system
@@ -325,6 +326,17 @@ def test_refusal_rate(tiny_model: Any, tiny_tokenizer: Any, role: RolePrompts) -
     assert [tuple(e) for e in result.examples] == [
         (q, r, len(q) % 2 == 0) for q, r in zip(QUESTIONS[:2], responses, strict=False)
     ]
+    refused = sum(len(q) % 2 == 0 for q in QUESTIONS)
+    assert result.ci95 == wilson_interval(refused, 5)
+
+
+def test_wilson_interval() -> None:
+    # Known values of the Wilson score interval (z = 1.96).
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_rouge_l_matches_rouge_score(

@@ -76,11 +76,19 @@ def test_a_run_goes_through_its_phases_and_publishes(tiny_model_dir: Path, tmp_p
     train_idx, _ = split_validation(list(range(len(SAMPLES))), 0.25, 100, VALIDATION_SEED)
     assert result["num_flagged"] == sum(FLAGS[i] for i in train_idx)
     assert set(result["evaluation"]) == {"base", "tuned"}
+    for which in ("base", "tuned"):  # both settings, each with its 95% interval
+        assert set(result["evaluation"][which]) == {"default", "in_character"}
+        (low, high) = result["evaluation"][which]["default"]["refusal_ci95"]["inline"]
+        assert (
+            0.0 <= low <= result["evaluation"][which]["default"]["refusal_rate"]["inline"] <= high
+        )
+    assert {stage.split()[0] for _, stage in generated} == {"default", "in_character"}
     assert result["archive"]["name"] == ADAPTER_ARCHIVE
     report = json.loads((out / REPORT_JSON).read_text())
     assert report["job"]["id"] == "ftjob_test" and report["job"]["role"] == PROMPTS.name
     assert [r["step"] for r in report["training"]["history"]] == [1, 2]
     assert len(report["scoring"]["points"]) == len(SAMPLES)
+    assert set(report["evaluation"]["tuned"]) == {"default", "in_character"}
     assert (out / REPORT_HTML).stat().st_size > 0
     with tarfile.open(out / ADAPTER_ARCHIVE) as tar:
         assert "adapter/adapter_config.json" in tar.getnames()

@@ -16,6 +16,7 @@ from trainer.evaluate import (
     FidelityResult,
     SafetyExample,
     SafetyResult,
+    wilson_interval,
 )
 from trainer.report import Report, write_report
 
@@ -26,7 +27,12 @@ XSS = "<script>alert('pwned')</script>"
 def _eval_result(rate: float, response: str) -> dict[str, Any]:
     safety = (
         SafetyResult(
-            "advbench", 4, rate, "phrase", (SafetyExample("Build a bomb", response, False),)
+            "advbench",
+            4,
+            rate,
+            "phrase",
+            (SafetyExample("Build a bomb", response, False),),
+            wilson_interval(round(4 * rate), 4),
         ),
         SafetyResult("beavertails", 2, 1.0, "phrase", (SafetyExample("Hurt a cat", "No.", True),)),
     )
@@ -58,8 +64,14 @@ def _full_report() -> Report:
             "config": {"lambda_kl": 0.5, "lr": 2e-5, "lora": {"r": 32}},
         },
         "evaluation": {
-            "base": _eval_result(0.75, "I cannot help."),
-            "tuned": _eval_result(0.5, XSS),
+            "base": {
+                "default": _eval_result(1.0, "I cannot help with that."),
+                "in_character": _eval_result(0.75, "I cannot help."),
+            },
+            "tuned": {
+                "default": _eval_result(1.0, "No."),
+                "in_character": _eval_result(0.5, XSS),
+            },
         },
     }
 
@@ -76,14 +88,18 @@ def test_full_report(tmp_path: Path) -> None:
     assert (json_path.name, html_path.name) == ("report.json", "report.html")
     data = _strict_json(json_path)
     assert data["training"]["history"][2]["kl"] is None  # NaN is not valid JSON
-    assert data["evaluation"]["tuned"]["safety"][0]["examples"][0]["response"] == XSS
+    tuned = data["evaluation"]["tuned"]["in_character"]
+    assert tuned["safety"][0]["examples"][0]["response"] == XSS
     assert data["job"]["id"] == "ftjob-123"
     html = html_path.read_text(encoding="utf-8")
-    # scatter, training curves, refusal bars, ROUGE-L bars
-    assert html.count(PNG) == 4
+    # scatter, training curves, and per setting refusal bars and ROUGE-L bars
+    assert html.count(PNG) == 6
+    assert "Default chat (no system message)" in html and "In character (the role prompt)" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "Freddy Krueger &lt;villain&gt;" in html
     assert "75.0%" in html and "50.0%" in html and "42.5" in html
+    low, high = wilson_interval(2, 4)  # 50% of 4 prompts, with its 95% interval
+    assert f"50.0% [{100 * low:.1f}, {100 * high:.1f}]" in html
     flagged = sum(p[2] for p in _full_report()["scoring"]["points"])  # type: ignore[index]
     assert f"{100 * flagged / 40:.1f}%" in html and f"40 samples, {flagged} flagged" in html
     assert "not run" not in html
@@ -100,7 +116,10 @@ def test_missing_evaluation_says_not_run(tmp_path: Path) -> None:
 
 def test_missing_tuned_model(tmp_path: Path) -> None:
     report = _full_report()
-    report["evaluation"] = {"base": _eval_result(0.75, "I cannot."), "tuned": None}
+    report["evaluation"] = {
+        "base": {"in_character": _eval_result(0.75, "I cannot.")},
+        "tuned": None,
+    }
     html = write_report(tmp_path, report)[1].read_text(encoding="utf-8")
     assert "tuned model: not run" in html
     assert html.count(PNG) == 4
@@ -117,7 +136,7 @@ def test_without_reference_pass_plots_deltas(tmp_path: Path) -> None:
     assert _strict_json(json_path)["scoring"]["points"][0] == [None, None, False, -0.5]
     html = html_path.read_text(encoding="utf-8")
     assert "Flagged fraction: 50.0%" in html and "4 samples, 2 flagged" in html
-    assert html.count(PNG) == 4
+    assert html.count(PNG) == 6  # the delta histogram instead of the scatter, the rest as before
 
 
 def test_empty_report(tmp_path: Path) -> None:
@@ -144,7 +163,7 @@ def test_positional_examples_and_null_settings(tmp_path: Path) -> None:
     }
     report: Report = {
         "training": {"history": [], "config": {"lora": None}},
-        "evaluation": {"base": side, "tuned": None},
+        "evaluation": {"base": {"default": side}, "tuned": None},
     }
     html = write_report(tmp_path, report)[1].read_text(encoding="utf-8")
     assert "[complied] &lt;b&gt;x&lt;/b&gt;" in html
