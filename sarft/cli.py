@@ -47,6 +47,10 @@ from sarft.train_cli import submit_fine_tuning  # noqa: E402
 
 app.command("train")(submit_fine_tuning)
 
+from sarft.models_cli import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
+
 
 @app.callback()
 def _root() -> None:

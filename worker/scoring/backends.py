@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.bundled import BUNDLED_MODEL
 from worker.encoding import EncodingConfig
+from worker.packaged_models import BUNDLED_MODEL
 from worker.scoring.base import Scorer
 
 BACKENDS = ("transformers", "vllm")
