@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 install-qwen: install
 	$(BIN)/sarft models install qwen2.5-coder-0.5b-instruct
 
-demo: install
+demo: install-qwen
 	bash examples/demo.sh
 
 test: install

@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# The whole product on the embedded default (SQLite, in-process jobs, the bundled model):
-# start `sarft serve`, upload both example characters, score them, download the villain's
-# flagged subset, fine-tune the villain with the SaRFT loss (LoRA, a few steps), evaluate base
-# and tuned on the built-in harmful prompts and held-out dialogues, download adapter and report.
+# The whole product on the embedded default (SQLite, in-process jobs) with the packaged model
+# that refuses (Qwen2.5-Coder-0.5B-Instruct): start `sarft serve`, upload both example
+# characters, score them, download the villain's flagged subset, fine-tune the villain with the
+# SaRFT loss (LoRA, a few steps), evaluate base and tuned (refusal on AdvBench's first goals when
+# ../shared/data has it, else the built-in prompts; ROUGE-L on held-out dialogues; in the default
+# chat and in character), download adapter and report.
 #
-#   make demo           (or: bash examples/demo.sh, after make install)
+#   make demo           (or: bash examples/demo.sh, after make install-qwen)
 #
 # Environment: SARFT_HOME (state; default ~/.sarft), SARFT_DEMO_PORT (default 8765),
-# DEMO_STEPS (optimizer steps, default 4). Results land in out/demo/.
+# SARFT_SCORING_MODEL (default qwen2.5-coder-0.5b-instruct; smollm2-135m-instruct is faster
+# and refuses nothing), DEMO_STEPS (optimizer steps, default 4), DEMO_PROMPTS (harmful prompts
+# per set, default 20). Results land in out/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SARFT=${SARFT:-.venv/bin/sarft}
 PORT=${SARFT_DEMO_PORT:-8765}
 STEPS=${DEMO_STEPS:-4}
+PROMPTS=${DEMO_PROMPTS:-20}
 OUT=out/demo
+export SARFT_SCORING_MODEL=${SARFT_SCORING_MODEL:-qwen2.5-coder-0.5b-instruct}
+ADVBENCH=../shared/data/advbench/harmful_behaviors.csv
+if [ -z "${SARFT_EVAL_SETS:-}" ] && [ -f "$ADVBENCH" ]; then
+  export SARFT_EVAL_SETS="advbench=$(cd "$(dirname "$ADVBENCH")" && pwd)/$(basename "$ADVBENCH")"
+fi
 export SARFT_API_URL=http://127.0.0.1:$PORT
 mkdir -p "$OUT"
 
@@ -51,7 +61,7 @@ score "Ada Lindqvist" examples/mentor.jsonl examples/mentor_profile.txt >/dev/nu
 
 FT=$("$SARFT" train "$VILLAIN" --scoring-job "$VILLAIN_JOB" --method sarft \
   --batch-size 8 --max-steps "$STEPS" \
-  --max-new-tokens 48 --poll 1 | tee "$OUT/fine-tuning-job.json" | field id)
+  --max-prompts "$PROMPTS" --max-new-tokens 48 --poll 1 | tee "$OUT/fine-tuning-job.json" | field id)
 "$SARFT" download "$FT" --adapter -o "$OUT/adapter.tar.gz"
 "$SARFT" download "$FT" --report html -o "$OUT/report.html"
 "$SARFT" download "$FT" --report json -o "$OUT/report.json"
@@ -60,13 +70,16 @@ import json, sys
 job = json.load(open(sys.argv[1]))
 ev = job["result"]["evaluation"]
 names = {"default": "default chat", "in_character": "in character"}
+print(f"model {job['result']['base_model']}, {job['result']['steps']} steps of SaRFT")
 for setting, name in names.items():
-    for which in ("base", "tuned"):
-        got = ev[which][setting]
-        rates = ", ".join(
-            f"{k} {v:.0%} (95% CI {lo:.0%}-{hi:.0%})"
-            for (k, v), (lo, hi) in zip(got["refusal_rate"].items(), got["refusal_ci95"].values())
+    base, tuned = ev["base"][setting], ev["tuned"][setting]
+    for prompt_set, before in base["refusal_rate"].items():
+        after = tuned["refusal_rate"][prompt_set]
+        (b_lo, b_hi), (t_lo, t_hi) = base["refusal_ci95"][prompt_set], tuned["refusal_ci95"][prompt_set]
+        print(
+            f"{name:>12}: refusal on {prompt_set}: base {before:.0%} (95% CI {b_lo:.0%}-{b_hi:.0%})"
+            f" -> tuned {after:.0%} ({t_lo:.0%}-{t_hi:.0%}), {100 * (after - before):+.0f} points"
         )
-        print(f"{name:>12}, {which:>5}: refusal {rates}; ROUGE-L {got['rouge_l']:.1f}")
+    print(f"{name:>12}: ROUGE-L base {base['rouge_l']:.1f} -> tuned {tuned['rouge_l']:.1f}")
 EOF
 echo "open $OUT/report.html; the adapter is $OUT/adapter.tar.gz"
