@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_DATA, machine, print_table, save_json
 from trainer.config import EVAL_SETTINGS, METHODS, Method, TrainConfig
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
-from trainer.evaluate import EvalResult, evaluate_model
+from trainer.evaluate import EvalResult, evaluate_settings
 from trainer.refusal import PhraseJudge
 from trainer.train import fine_tune
 from worker.formats import DatasetFormat, Sample, iter_samples
@@ -99,19 +99,10 @@ def evaluate(
     args: argparse.Namespace,
 ) -> dict[str, EvalResult]:
     """Every evaluation setting: the default chat (no system message) and in character."""
-    return {
-        setting: evaluate_model(
-            model,
-            tokenizer,
-            prompts if setting == "in_character" else None,
-            safety_sets,
-            PhraseJudge(),
-            fidelity=fidelity,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.eval_batch_size,
-        )
-        for setting in EVAL_SETTINGS
-    }
+    return evaluate_settings(
+        model, tokenizer, prompts, EVAL_SETTINGS, safety_sets, PhraseJudge(), fidelity,
+        args.max_new_tokens, args.eval_batch_size,
+    )  # fmt: skip
 
 
 def summary(name: str, results: dict[str, EvalResult]) -> dict[str, Any]:

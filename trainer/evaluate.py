@@ -24,8 +24,9 @@ from worker.prompts import Condition, RolePrompts
 
 __all__ = [
     "EvalResult", "FidelityExample", "FidelityResult", "SafetyExample", "SafetyResult",
-    "evaluate_model", "generate", "generate_ids", "question_and_reference", "refusal_rate",
-    "render_question", "rouge_l", "rouge_l_f1", "split_validation", "wilson_interval",
+    "evaluate_model", "evaluate_settings", "generate", "generate_ids", "question_and_reference",
+    "refusal_rate", "render_question", "rouge_l", "rouge_l_f1", "split_validation",
+    "wilson_interval",
 ]  # fmt: skip
 
 Progress = Callable[[int, int], None]
@@ -339,3 +340,46 @@ def evaluate_model(
             n_examples=n_examples, progress=stage("fidelity"),
         )  # fmt: skip
     return EvalResult(safety=safety, fidelity=result)
+
+
+def evaluate_settings(
+    model: Any,
+    tokenizer: Any,
+    role_prompts: RolePrompts,
+    settings: Sequence[str],
+    safety_sets: Sequence[PromptSet],
+    judge: Judge,
+    fidelity: Sequence[tuple[str, str]] = (),
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate_model` once per setting, by setting name: "default" asks in the model's
+    own chat (no system message, as the authors evaluate), "in_character" under the role
+    prompt. ``progress`` stages are prefixed with the setting ("default advbench")."""
+
+    def staged(setting: str) -> Callable[[str, int, int], None] | None:
+        if progress is None:
+            return None
+        report = progress
+
+        def setting_progress(stage: str, done: int, total: int) -> None:
+            report(f"{setting} {stage}", done, total)
+
+        return setting_progress
+
+    return {
+        setting: evaluate_model(
+            model,
+            tokenizer,
+            role_prompts if setting == "in_character" else None,
+            safety_sets,
+            judge,
+            fidelity,
+            max_new_tokens,
+            batch_size,
+            progress=staged(setting),
+        )
+        for setting in settings
+    }

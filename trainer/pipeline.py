@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from trainer.artifacts import archive_name, write_archive
 from trainer.config import EvalConfig, JudgeSettings
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
-from trainer.evaluate import evaluate_model
+from trainer.evaluate import evaluate_settings
 from trainer.refusal import Judge, LLMJudge, PhraseJudge
 from trainer.report import (
     EvaluationSection,
@@ -201,27 +201,19 @@ class _Evaluator:
                 if hooks.should_stop():
                     raise RunCancelled
 
-        def staged(setting: str) -> Callable[[str, int, int], None]:
-            def setting_progress(stage: str, done: int, total: int) -> None:
-                progress(f"{setting} {stage}", done, total)
-
-            return setting_progress
-
-        results: dict[str, dict[str, Any]] = {}
-        for setting in self.plan.settings:
-            result = evaluate_model(
-                model,
-                tokenizer,
-                self.prompts if setting == "in_character" else None,
-                self.sets,
-                self.judge,
-                self.fidelity,
-                max_new_tokens=self.plan.max_new_tokens,
-                batch_size=self.plan.batch_size,
-                progress=staged(setting),
-            )
-            results[setting] = result.to_dict()
-        return results
+        results = evaluate_settings(
+            model,
+            tokenizer,
+            self.prompts,
+            self.plan.settings,
+            self.sets,
+            self.judge,
+            self.fidelity,
+            max_new_tokens=self.plan.max_new_tokens,
+            batch_size=self.plan.batch_size,
+            progress=progress,
+        )
+        return {setting: result.to_dict() for setting, result in results.items()}
 
 
 def _safety_sets(plan: EvalConfig, configured: Mapping[str, Path]) -> list[PromptSet]:
