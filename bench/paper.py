@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,11 @@ def summary(name: str, results: dict[str, EvalResult]) -> dict[str, Any]:
     return row
 
 
-def run_role(role: str, args: argparse.Namespace, started: float) -> dict[str, Any]:
+def run_role(
+    role: str, args: argparse.Namespace, started: float, saved: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """One role's rows; ``saved`` gets the role's result after every row, so a long run that
+    stops part-way keeps (and prints) what it finished."""
     out = args.out / role.replace(" ", "_")
     prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", role)
     data_path = out / "data.jsonl"
@@ -133,9 +138,23 @@ def run_role(role: str, args: argparse.Namespace, started: float) -> dict[str, A
         load_prompts(SHARED_DATA / "advbench" / "harmful_behaviors.csv", args.max_prompts),
         load_prompts(SHARED_DATA / "beavertails" / "evaluation.csv", args.max_prompts),
     ]
+    models: list[dict[str, Any]] = []
+    result = {
+        "role": role,
+        "rows": n_rows,
+        "flagged": sum(flags),
+        "flagged_fraction": sum(flags) / len(flags),
+        "train_rows": len(train_samples),
+        "held_out": len(held_out),
+        "rds_summary": rds,
+        "models": models,
+    }
     base = load_model(args.model)
-    models = [summary("base", evaluate(base.model, base.tokenizer, prompts, sets, fidelity, args))]
+    models.append(
+        summary("base", evaluate(base.model, base.tokenizer, prompts, sets, fidelity, args))
+    )
     log(started, f"{role}: base evaluated")
+    saved(result)
     del base
     for method in args.methods:
         loaded = load_model(args.model)  # a fresh base: training changes the model in place
@@ -153,17 +172,9 @@ def run_role(role: str, args: argparse.Namespace, started: float) -> dict[str, A
         row["history"] = trained.history
         row["config"] = config.to_dict()
         models.append(row)
+        saved(result)
         del loaded, trained
-    return {
-        "role": role,
-        "rows": n_rows,
-        "flagged": sum(flags),
-        "flagged_fraction": sum(flags) / len(flags),
-        "train_rows": len(train_samples),
-        "held_out": len(held_out),
-        "rds_summary": rds,
-        "models": models,
-    }
+    return result
 
 
 def train_config(method: Method, args: argparse.Namespace) -> TrainConfig:
@@ -220,25 +231,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=Path("out/paper"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--table", type=Path, nargs="+", metavar="JSON",
+        help="print one table from earlier runs' JSON files (e.g. one run per role) and exit",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.table:
+        print_results([r for path in args.table for r in json.loads(path.read_text())["roles"]])
+        return
     if args.max_train < 2:
         parser.error("--max-train must be at least 2 (one row is held out)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    roles = [run_role(role, args, started) for role in args.roles]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json", "table")}
+    roles: list[dict[str, Any]] = []
+
+    def save(done: bool) -> None:
+        elapsed = time.perf_counter() - started
+        document = {"settings": settings, "roles": roles, "seconds": elapsed, "complete": done}
+        save_json(args.json, {**document, "machine": machine()})
+
+    def saved(result: dict[str, Any]) -> None:
+        roles[-1] = result
+        save(done=False)
+
+    for role in args.roles:
+        roles.append({"role": role, "models": []})
+        roles[-1] = run_role(role, args, started, saved)
+        print_results(roles[-1:])
     elapsed = time.perf_counter() - started
-    print_results(roles)
+    if len(roles) > 1:
+        print_results(roles)
     print(
         f"{args.model}; {args.max_train} rows per role, LoRA (trainer defaults), "
         f"{args.epochs} epoch(s) of batches of {args.batch_size}, lr {args.lr:g}, lambda "
         f"{args.lambda_kl}; {args.max_prompts} prompts per set, {args.max_new_tokens} new "
         f"tokens, phrase judge; {elapsed / 60:.1f} min"
     )
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json")}
-    save_json(
-        args.json,
-        {"settings": settings, "roles": roles, "seconds": elapsed, "machine": machine()},
-    )
+    save(done=True)
 
 
 if __name__ == "__main__":
