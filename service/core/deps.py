@@ -17,4 +17,7 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit (and the enqueues that follow it) runs when the endpoint
+# returns, before the response is sent, so a 2xx always names committed rows and a failing
+# commit becomes an error response. FastAPI's default ("request") would commit after sending.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

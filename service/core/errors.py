@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -62,10 +68,18 @@ class InvalidFile(APIError):
     code = "invalid_file"
 
 
+class ServiceUnavailable(APIError):
+    """A dependency (the database, the job queue) is unreachable; retry later."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or unknown API key"},
     404: {"description": "No such object for this tenant"},
     422: {"description": "The body or parameters do not validate"},
+    503: {"description": "The database or the job queue is unreachable; nothing was stored"},
 }
 
 
@@ -98,7 +112,30 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
 
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    """The database went away (restart, network) during the request: nothing was committed."""
+    log.warning("database unavailable: %s", exc)
+    return _error(
+        503, "database_unavailable", "the database is unreachable; nothing was stored, retry"
+    )
+
+
+async def _queue_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("queue unavailable: %s", exc)
+    return _error(503, "queue_unavailable", "the job queue (Redis) is unreachable; retry")
+
+
+async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this handler has answered.
+    return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(InterfaceError, _database_error)
+    app.add_exception_handler(RedisConnectionError, _queue_error)
+    app.add_exception_handler(RedisTimeoutError, _queue_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -43,7 +43,8 @@ def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     except psycopg.OperationalError as exc:
         pytest.fail(f"Postgres is not reachable at {PG_ADMIN}: {exc} (start it: see .ci/run)")
     name = f"sarft_test_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
     env = {
         "SARFT_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
         "SARFT_REDIS_URL": REDIS_URL,
@@ -70,8 +71,9 @@ def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             else:
                 os.environ[key] = value
         clear_caches()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        # A fresh connection: an outage test restarts Postgres, which ends long-lived ones.
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -174,3 +176,66 @@ def rolebench_file(path: Path, n: int, role: str = "Jack Sparrow") -> Path:
         for row in [r for r in rows if r["role"] == role][:n]:
             out.write(json.dumps(row) + "\n")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A real `sarft serve` subprocess (uvicorn), reached over TCP like a deployment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(  # noqa: SIM115  (closed in stop)
+            Path(os.environ.get("TMPDIR", "/tmp")) / f"sarft-serve-{uuid.uuid4().hex[:6]}.log",
+            "w+",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sarft", "serve", "--port", str(self.port)],
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.wait_up()
+
+    def wait_up(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sarft serve exited:\n{self.output()}")
+            try:
+                httpx.get(f"{self.url}/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError(f"sarft serve did not start:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+
+@pytest.fixture()
+def api_server(service_env: dict[str, str]) -> Iterator[ServerProcess]:
+    server = ServerProcess(service_env)
+    yield server
+    server.stop()
