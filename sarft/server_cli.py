@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import typer
 
@@ -14,9 +15,10 @@ log = logging.getLogger("sarft")
 
 
 def _reaper(every: float) -> None:
-    """Every process that runs jobs also watches for jobs whose worker died."""
-    from service.fine_tuning.tasks import reap_stale_jobs
-    from service.scoring_jobs.tasks import reap_stale_shards
+    """Every process that runs jobs also watches for jobs whose worker died, and for queued
+    jobs the queue lost."""
+    from service.fine_tuning.tasks import reap_stale_jobs, requeue_lost_jobs
+    from service.scoring_jobs.tasks import reap_stale_shards, requeue_lost_shards
 
     def loop() -> None:
         while True:
@@ -25,8 +27,10 @@ def _reaper(every: float) -> None:
                     log.warning("re-queued or failed %d stale shard(s)", n)
                 if n := reap_stale_jobs():
                     log.warning("failed %d fine-tuning job(s) whose worker stopped", n)
-            except Exception:
-                log.exception("reaper failed")
+                if n := requeue_lost_shards() + requeue_lost_jobs():
+                    log.warning("queued again %d job(s) or shard(s) the queue had lost", n)
+            except Exception as exc:  # the database or Redis is down: try again next round
+                log.warning("reaper: %s: %s", type(exc).__name__, exc)
             threading.Event().wait(every)
 
     threading.Thread(target=loop, daemon=True, name="sarft-reaper").start()
@@ -97,6 +101,7 @@ def worker(
     """Run an RQ worker until stopped: scoring loads its model once; training loads the job's
     model per job (training changes the weights)."""
     from redis import Redis
+    from redis.exceptions import RedisError
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
 
@@ -119,6 +124,29 @@ def worker(
     queues = [
         Queue(settings.queue_prefix + q, connection=redis, serializer=JSONSerializer) for q in queue
     ]
-    # SimpleWorker runs jobs in this process, where the model is already loaded
-    # (a forking worker would reload it, and CUDA does not survive a fork).
-    SimpleWorker(queues, connection=redis, serializer=JSONSerializer).work(burst=burst)
+    while True:
+        # SimpleWorker runs jobs in this process, where the model is already loaded
+        # (a forking worker would reload it, and CUDA does not survive a fork).
+        rq_worker = SimpleWorker(queues, connection=redis, serializer=JSONSerializer)
+        try:
+            rq_worker.work(burst=burst)
+        except RedisError as exc:  # raised by the loop's teardown while Redis is down
+            log.warning("worker loop: %s", exc)
+        # RQ's loop quits on an error it does not handle, such as Redis going away as a job
+        # ends; the model stays loaded and a new loop starts once Redis answers again.
+        if burst or getattr(rq_worker, "_stop_requested", False):
+            return
+        log.warning("the worker loop ended (Redis unreachable?); restarting when Redis answers")
+        _wait_for_redis(redis)
+
+
+def _wait_for_redis(redis: Any) -> None:
+    from redis.exceptions import RedisError
+
+    while True:
+        try:
+            if redis.ping():
+                return
+        except RedisError:
+            pass
+        time.sleep(1.0)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     """How often a running shard or fine-tuning job proves its worker is alive."""
     stale_after_s: float = 120.0
     """A running shard or fine-tuning job whose heartbeat is older than this lost its worker."""
+    outage_grace_s: float = 300.0
+    """How long a running scoring shard waits out an unreachable database (a restart, a
+    failover) before it fails; it resumes where its last committed chunk ended."""
     max_attempts: int = 3
     """Runs of one shard before a lost worker fails the job instead of re-queueing."""
     eval_sets: str = ""

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from service.core.config import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -95,7 +101,27 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
+"""What a database restart or a dropped connection raises; pool_pre_ping reconnects after."""
+
+
+def retry_transient(work: Callable[[], T], grace_s: float, what: str) -> T:
+    """Run ``work`` again, with backoff, while the database is unreachable, for up to
+    ``grace_s`` seconds; ``work`` must be safe to repeat (each of its transactions idempotent)."""
+    deadline = time.monotonic() + grace_s
+    wait = 0.5
+    while True:
+        try:
+            return work()
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("%s: database unreachable (%s); retrying in %.1f s", what, exc, wait)
+            time.sleep(wait)
+            wait = min(2 * wait, 5.0)
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
     """Run ``callback`` once the session's transaction has committed (e.g. enqueue a job)."""
 
     def run(_session: Session) -> None:

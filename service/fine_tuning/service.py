@@ -11,6 +11,7 @@ from service.core.config import get_settings
 from service.core.errors import Conflict, Unprocessable
 from service.core.events import add_event, timestamp
 from service.core.ids import new_id
+from service.core.queue import require_queue
 from service.core.scoping import get_owned
 from service.datasets import service as datasets
 from service.fine_tuning.schemas import (
@@ -111,6 +112,7 @@ def eval_config(evaluation: EvaluationIn) -> EvalConfig:
 
 
 def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineTuningJob:
+    require_queue()
     dataset = datasets.get(session, tenant_id, body.dataset_id)
     scoring = scoring_jobs.get(session, tenant_id, body.scoring_job_id)
     if scoring.dataset_id != dataset.id:

@@ -27,7 +27,7 @@ from service.core.db import after_commit, session_scope, utcnow
 from service.core.events import add_event
 from service.core.heartbeat import Heartbeat
 from service.core.job_state import WORKER_NAME
-from service.core.queue import TRAINING_QUEUE, get_queue
+from service.core.queue import TRAINING_QUEUE, dispatch, get_queue
 from service.datasets.repository import load_samples
 from service.fine_tuning.storage import artifact_dir
 from service.models import Dataset, FineTuningJob, JobStatus, Role, ScoringJob
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 def enqueue(session: Session, job_id: str) -> None:
     """Enqueue after the surrounding transaction commits, never before."""
-    after_commit(session, lambda: get_queue().enqueue(TRAINING_QUEUE, run_fine_tuning_job, job_id))
+    after_commit(
+        session, lambda: dispatch(TRAINING_QUEUE, run_fine_tuning_job, job_id, job_id=job_id)
+    )
 
 
 def run_fine_tuning_job(job_id: str) -> None:
@@ -202,6 +204,26 @@ def reap_stale_jobs() -> int:
         for job in stale:
             fail(session, job.id, _lost(job, f"worker {job.worker} stopped responding"))
         return len(stale)
+
+
+def requeue_lost_jobs() -> int:
+    """Enqueue again queued jobs the queue does not hold (Redis was down at their commit, or
+    restarted empty); jobs younger than a heartbeat are left to their own enqueue."""
+    cutoff = utcnow() - timedelta(seconds=get_settings().heartbeat_s)
+    queue = get_queue()
+    count = 0
+    with session_scope() as session:
+        for job in session.scalars(
+            select(FineTuningJob)
+            .where(FineTuningJob.status == JobStatus.QUEUED, FineTuningJob.created_at < cutoff)
+            .with_for_update(skip_locked=True)
+        ):
+            if queue.holds(TRAINING_QUEUE, job.id):
+                continue
+            add_event(session, job.id, "not in the queue; queued again", level="warning")
+            enqueue(session, job.id)
+            count += 1
+    return count
 
 
 def recover_embedded() -> int:

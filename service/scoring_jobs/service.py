@@ -14,6 +14,7 @@ from service.core.db import session_scope
 from service.core.errors import APIError, Conflict
 from service.core.events import add_event, timestamp
 from service.core.ids import new_id
+from service.core.queue import require_queue
 from service.core.scoping import get_owned
 from service.datasets import service as datasets
 from service.models import (
@@ -51,6 +52,7 @@ def to_out(job: ScoringJob) -> ScoringJobOut:
 
 def create(session: Session, tenant_id: str, body: ScoringJobCreate) -> ScoringJob:
     settings = get_settings()
+    require_queue()
     dataset = datasets.get(session, tenant_id, body.dataset_id)
     if body.model is not None and body.model not in settings.allowed_models:
         raise APIError(

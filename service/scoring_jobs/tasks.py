@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 
 from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import after_commit, session_scope, utcnow
+from service.core.db import after_commit, retry_transient, session_scope, utcnow
 from service.core.events import add_event
 from service.core.heartbeat import Heartbeat
 from service.core.job_state import WORKER_NAME, JobCancelled
-from service.core.queue import SCORING_QUEUE, get_queue
+from service.core.queue import SCORING_QUEUE, dispatch, get_queue
 from service.datasets.repository import load_samples
 from service.models import Dataset, JobStatus, Role, SampleScore, ScoringJob, ScoringShard
 from service.roles.service import prompts_of
@@ -42,10 +42,16 @@ _backends: dict[tuple[Any, ...], ScoringBackend] = {}
 _backend_lock = threading.Lock()
 
 
+def shard_task_id(job_id: str, shard: int) -> str:
+    """The queue's id for a shard's task: stable, so the sweeper can ask whether it is held."""
+    return f"{job_id}-{shard}"
+
+
 def enqueue_shard(session: Session, job_id: str, shard: int) -> None:
     """Enqueue after the surrounding transaction commits, never before."""
+    task_id = shard_task_id(job_id, shard)
     after_commit(
-        session, lambda: get_queue().enqueue(SCORING_QUEUE, run_scoring_shard, job_id, shard)
+        session, lambda: dispatch(SCORING_QUEUE, run_scoring_shard, job_id, shard, job_id=task_id)
     )
 
 
@@ -104,9 +110,14 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
             .values(heartbeat_at=utcnow())
         ),
     )
+    what = f"job {job_id} shard {shard_no}"
     try:
         with heartbeat:
-            _score_shard(job_id, shard_no, config, settings.chunk_size)
+            retry_transient(
+                lambda: _score_shard(job_id, shard_no, config, settings.chunk_size),
+                settings.outage_grace_s,
+                what,
+            )
     except JobCancelled:
         with session_scope() as session:
             _set_shard(session, job_id, shard_no, JobStatus.CANCELLED)
@@ -117,6 +128,10 @@ def run_scoring_shard(job_id: str, shard_no: int) -> None:
             _set_shard(session, job_id, shard_no, JobStatus.FAILED)
             job_state.fail(session, ScoringJob, job_id, f"{type(exc).__name__}: {exc}")
         raise
+    retry_transient(lambda: _finish_shard(job_id, shard_no), settings.outage_grace_s, what)
+
+
+def _finish_shard(job_id: str, shard_no: int) -> None:
     with session_scope() as session:
         _set_shard(session, job_id, shard_no, JobStatus.SUCCEEDED)
         add_event(session, job_id, f"shard {shard_no} finished", shard=shard_no)
@@ -265,22 +280,30 @@ def _finish_if_done(session: Session, job_id: str) -> None:
     add_event(session, job_id, "job succeeded", **job.result)
 
 
+def _live_shards(session: Session, *where: Any, lock: bool = False) -> list[ScoringShard]:
+    """Shards of jobs still queued or running, matching ``where``."""
+    stmt = (
+        select(ScoringShard)
+        .join(ScoringJob, ScoringJob.id == ScoringShard.job_id)
+        .where(ScoringJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), *where)
+    )
+    if lock:
+        stmt = stmt.with_for_update(of=ScoringShard, skip_locked=True)
+    return list(session.scalars(stmt).all())
+
+
 def reap_stale_shards() -> int:
     """Re-queue (or fail) shards whose worker stopped sending heartbeats."""
     settings = get_settings()
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     count = 0
     with session_scope() as session:
-        stale = session.scalars(
-            select(ScoringShard)
-            .join(ScoringJob, ScoringJob.id == ScoringShard.job_id)
-            .where(
-                ScoringShard.status == JobStatus.RUNNING,
-                ScoringShard.heartbeat_at < cutoff,
-                ScoringJob.status == JobStatus.RUNNING,
-            )
-            .with_for_update(skip_locked=True)
-        ).all()
+        stale = _live_shards(
+            session,
+            ScoringShard.status == JobStatus.RUNNING,
+            ScoringShard.heartbeat_at < cutoff,
+            lock=True,
+        )
         for shard in stale:
             count += 1
             lost = f"worker {shard.worker} stopped responding"
@@ -294,7 +317,7 @@ def reap_stale_shards() -> int:
                 )
                 continue
             shard.status = JobStatus.QUEUED
-            shard.heartbeat_at = None
+            shard.heartbeat_at = utcnow()  # a queued shard's: when it was queued
             add_event(
                 session,
                 shard.job_id,
@@ -307,19 +330,40 @@ def reap_stale_shards() -> int:
     return count
 
 
+def requeue_lost_shards() -> int:
+    """Enqueue again the queued shards whose task the queue does not hold: Redis was
+    unreachable when they committed, or restarted without its data. Shards queued less than
+    a heartbeat ago are left to the enqueue that follows their commit."""
+    cutoff = utcnow() - timedelta(seconds=get_settings().heartbeat_s)
+    queue = get_queue()
+    count = 0
+    with session_scope() as session:
+        for shard in _live_shards(session, ScoringShard.status == JobStatus.QUEUED, lock=True):
+            job = session.get(ScoringJob, shard.job_id)
+            queued_at = shard.heartbeat_at or (job.created_at if job else None)
+            if queued_at is not None and queued_at > cutoff:
+                continue
+            if queue.holds(SCORING_QUEUE, shard_task_id(shard.job_id, shard.shard)):
+                continue
+            shard.heartbeat_at = utcnow()
+            add_event(
+                session,
+                shard.job_id,
+                f"shard {shard.shard} was not in the queue; queued again",
+                level="warning",
+                shard=shard.shard,
+            )
+            enqueue_shard(session, shard.job_id, shard.shard)
+            count += 1
+    return count
+
+
 def recover_embedded() -> int:
     """Embedded mode starts with no job running: re-queue what the last process left."""
     count = 0
     with session_scope() as session:
-        shards = session.scalars(
-            select(ScoringShard)
-            .join(ScoringJob, ScoringJob.id == ScoringShard.job_id)
-            .where(
-                ScoringShard.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-                ScoringJob.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
-            )
-        ).all()
-        for shard in shards:
+        live = [JobStatus.QUEUED, JobStatus.RUNNING]
+        for shard in _live_shards(session, ScoringShard.status.in_(live)):
             shard.status = JobStatus.QUEUED
             enqueue_shard(session, shard.job_id, shard.shard)
             count += 1
