@@ -21,6 +21,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from sarft.checks import check_model, fail, output_dir, readable_file
+
 if TYPE_CHECKING:
     from worker.prompts import RolePrompts
     from worker.scoring.backends import ScoreConfig
@@ -85,11 +87,14 @@ def _load_role(
     """The role's prompts; an unreadable or malformed prompt source exits with code 2."""
     from worker.prompts import PromptFileError
 
+    if profile_file is not None:
+        readable_file(profile_file, "profile file")
+    if prompts is not None:
+        readable_file(prompts, "prompts file")
     try:
         return _prompts(role_name, profile, profile_file, prompts)
     except (PromptFileError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
 
 
 def _scoring_progress() -> Progress:
@@ -110,6 +115,7 @@ def _run_scoring(data: Path, role: RolePrompts, out: Path, config: ScoreConfig) 
     """Score ``data`` into ``out`` behind a progress bar; bad data or settings exit with code 2."""
     from worker.encoding import EncodingError
     from worker.formats import DatasetError
+    from worker.packaged_models import ModelNotFoundError
     from worker.score_file import score_file
 
     progress = _scoring_progress()
@@ -130,9 +136,10 @@ def _run_scoring(data: Path, role: RolePrompts, out: Path, config: ScoreConfig) 
         for err in exc.errors:
             console.print(f"  {err}")
         raise typer.Exit(2) from exc
-    except (EncodingError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    except (EncodingError, ValueError, ModelNotFoundError) as exc:
+        fail(str(exc))
+    except OSError as exc:  # the checks ran before; this is a file that changed since
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
 def _echo_summary(summary: dict[str, Any], out: Path, no_reference: bool) -> None:
@@ -179,7 +186,12 @@ def score(
     from worker.scoring.backends import ScoreConfig
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    # Every input is checked before the model loads: its load takes seconds, and a bad
+    # model name would otherwise surface as transformers' hub-connection traceback.
+    readable_file(data, "data file")
     role = _load_role(role_name, profile, profile_file, prompts)
+    output_dir(out)
+    check_model(model)
     config = ScoreConfig(
         model=model,
         backend=backend,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sarft.checks import fail, readable_file
 from sarft.client import SarftAPIError, SarftClient
 
 jobs_app = typer.Typer(
@@ -38,21 +40,38 @@ def make_client(api_url: str | None, api_key: str | None) -> SarftClient:
     return SarftClient(base_url=api_url, api_key=api_key)
 
 
+def _reason(exc: Exception) -> str:
+    """``connection refused`` from ``[Errno 111] Connection refused``: the errno is noise."""
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(exc)).strip()
+    if not text:  # httpx's timeouts often carry no message
+        text = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+    return text[0].lower() + text[1:]
+
+
 @contextmanager
 def api_client(api_url: str | None, api_key: str | None) -> Iterator[SarftClient]:
-    """A client whose API and connection errors end the command with exit code 2."""
+    """A client whose API, connection and file errors end the command with exit code 2.
+
+    The one place client commands turn failures into one ``error:`` line: a wrong URL or key
+    is the usual first mistake, and deserves a sentence rather than httpx's traceback.
+    """
     client = make_client(api_url, api_key)
     try:
         yield client
     except SarftAPIError as exc:
-        console.print(f"error ({exc.status} {exc.code}): {exc.message}", markup=False)
+        if exc.status == 401:
+            hint = "" if client.api_key else " (no key given: --api-key or SARFT_API_KEY)"
+            fail(f"the API at {client.base_url} rejected the key (401): {exc.message}{hint}")
+        # Validation errors list their lines below the one-line summary.
+        typer.echo(f"error ({exc.status} {exc.code}): {exc.message}", err=True)
         for err in exc.errors:
             where = f"line {err['line']}: " if err.get("line") else ""
-            console.print(f"  {where}{err.get('message', '')}", markup=False)
+            typer.echo(f"  {where}{err.get('message', '')}", err=True)
         raise typer.Exit(2) from exc
-    except httpx.HTTPError as exc:
-        console.print(f"error: cannot reach {client.base_url}: {exc}", markup=False)
-        raise typer.Exit(2) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        fail(f"cannot reach the API at {client.base_url}: {_reason(exc)}")
+    except OSError as exc:  # a local file: the upload's source or a download's destination
+        fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
     finally:
         client.close()
 
@@ -65,24 +84,23 @@ def _profile_text(profile: str | None, profile_file: Path | None) -> str | None:
     if profile is not None and profile_file is not None:
         raise typer.BadParameter("give --profile or --profile-file, not both")
     if profile_file is not None:
+        readable_file(profile_file, "profile file")
         try:
             return profile_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read {profile_file}: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read profile file {profile_file}: {exc}")
     return profile
 
 
 Profile = Annotated[str | None, typer.Option("--profile", help="Character profile text.")]
 ProfileFile = Annotated[
-    Path | None,
-    typer.Option("--profile-file", help="File holding the profile.", dir_okay=False),
+    Path | None, typer.Option("--profile-file", help="File holding the profile.")
 ]
 
 
 def upload(
-    file: Annotated[
-        Path, typer.Argument(help="JSONL or JSON dataset.", exists=True, dir_okay=False)
-    ],
+    # Checked in the body, not with exists=True: click's message is a multi-line panel.
+    file: Annotated[Path, typer.Argument(help="JSONL or JSON dataset.")],
     role_id: Annotated[str | None, typer.Option("--role-id", help="An existing role.")] = None,
     role_name: Annotated[
         str | None, typer.Option("--role-name", help="Create the role inline: its name.")
@@ -96,6 +114,7 @@ def upload(
     api_key: ApiKey = None,
 ) -> None:
     """Upload a dataset for a role; prints the dataset (422: each invalid line, exit 2)."""
+    readable_file(file, "dataset file")
     text = _profile_text(profile, profile_file)
     if role_id is not None and (role_name is not None or text is not None):
         raise typer.BadParameter("give --role-id, or --role-name with a profile, not both")
@@ -251,6 +270,9 @@ def follow(client: SarftClient, job_id: str, poll: float) -> dict[str, Any]:
         description, total, completed = _progress_of(job)
         progress.update(task, description=description, total=total, completed=completed)
 
+    # One poll before the bar is drawn: a wrong URL, key or job id then prints its error line
+    # alone, not under an empty bar.
+    update(client.get_job(job_id))
     try:
         with progress:
             job = client.wait_job(job_id, poll_s=poll, on_progress=update)

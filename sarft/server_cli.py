@@ -116,7 +116,11 @@ def worker(
         )
         raise typer.Exit(2)
     if SCORING_QUEUE in queue:
+        from sarft.checks import check_model
         from service.scoring_jobs.tasks import backend_for, default_config
+
+        for model in settings.allowed_models:  # a bad name fails now, in one line
+            check_model(model)
 
         backend_for(default_config())  # load before the first job, not during it
     _reaper(max(1.0, settings.stale_after_s / 4))

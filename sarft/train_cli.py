@@ -8,15 +8,17 @@ from typing import Annotated, Any
 
 import typer
 
+from sarft.checks import fail, readable_file
 from sarft.client_cli import ApiKey, ApiUrl, api_client, console, echo_json, follow
 
 
 def _prompt_file(path: Path) -> dict[str, Any]:
     """An inline safety set from a file: JSONL of {"prompt"} or one prompt per line."""
+    readable_file(path, "eval file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise typer.BadParameter(f"cannot read {path}: {exc}") from exc
+        fail(f"cannot read eval file {path}: {exc}")
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -24,13 +26,13 @@ def _prompt_file(path: Path) -> dict[str, Any]:
         if line.lstrip().startswith("{"):
             try:
                 prompt = json.loads(line)["prompt"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise typer.BadParameter(f'{path}:{number}: expected {{"prompt": ...}}') from exc
+            except (ValueError, KeyError, TypeError):
+                fail(f'eval file {path}, line {number}: expected {{"prompt": ...}}')
             prompts.append(str(prompt))
         else:
             prompts.append(line.strip())
     if not prompts:
-        raise typer.BadParameter(f"{path}: no prompts")
+        fail(f"eval file {path} holds no prompts")
     return {"name": path.stem, "prompts": prompts}
 
 
@@ -131,8 +133,6 @@ EvalFiles = Annotated[
     typer.Option(
         "--eval-file",
         help="Harmful prompts sent inline: JSONL of {prompt} or one per line (repeatable).",
-        exists=True,
-        dir_okay=False,
     ),
 ]
 

@@ -17,18 +17,17 @@ from typing import Any
 
 import torch
 
-from worker.home import sarft_home
+from worker.home import CONVERTED_MARKER, model_cache_dir
 from worker.packaged_models import BUNDLED, BUNDLED_MODEL, PackagedModel, packaged
 
 log = logging.getLogger(__name__)
 
-_READY_MARKER = ".sarft-complete"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_cache_dir() -> Path:
-    return sarft_home() / "models"
+    return model_cache_dir()
 
 
 def bundled_gguf_path() -> Path:
@@ -44,7 +43,7 @@ def materialize_packaged(model: PackagedModel, cache_dir: Path | None = None) ->
     """Return a dense checkpoint directory of a packaged model, creating it once."""
     root = cache_dir or default_cache_dir()
     target = root / model.name
-    if (target / _READY_MARKER).exists():
+    if (target / CONVERTED_MARKER).exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,11 +62,11 @@ def materialize_packaged(model: PackagedModel, cache_dir: Path | None = None) ->
     try:
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _READY_MARKER).write_text(str(gguf) + "\n")
+        (tmp / CONVERTED_MARKER).write_text(str(gguf) + "\n")
         try:
             tmp.rename(target)
         except OSError:  # another process won the race, or a stale dir without marker
-            if not (target / _READY_MARKER).exists():
+            if not (target / CONVERTED_MARKER).exists():
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
     finally:

@@ -342,7 +342,7 @@ def test_cli_api_errors(cli: CliRunner) -> None:
     assert "error (404 not_found): no scoring job 'scorejob_missing'" in result.stderr
     result = invoke(cli, "jobs", "events", "scorejob_missing", "--api-key", "sk-sarft-bad")
     assert result.exit_code == 2
-    assert "error (401 invalid_api_key)" in result.stderr
+    assert "rejected the key (401): unknown or revoked API key" in result.stderr
 
 
 def test_cli_train_and_downloads(
