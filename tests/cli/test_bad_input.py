@@ -280,7 +280,10 @@ def test_worker_with_an_unknown_scoring_model(monkeypatch: pytest.MonkeyPatch) -
         raise AssertionError(f"a model was loaded: {config.model}")
 
     monkeypatch.setattr(scoring_tasks, "backend_for", backend_for)
-    env = {"SARFT_REDIS_URL": "redis://127.0.0.1:1/0", "SARFT_SCORING_MODEL": "no-such-model"}
+    env: dict[str, str | None] = {
+        "SARFT_REDIS_URL": "redis://127.0.0.1:1/0",
+        "SARFT_SCORING_MODEL": "no-such-model",
+    }
     config.get_settings.cache_clear()
     try:
         line = error_line(invoke("worker", "--queue", "scoring", env=env))
