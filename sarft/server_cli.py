@@ -75,10 +75,13 @@ def serve(
     from service.core.config import get_settings
     from service.core.db import session_scope
     from service.core.migrate import upgrade
+    from service.core.state_dirs import owner_only_umask, secure_state
     from service.models import ApiKey
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    owner_only_umask()
     settings = get_settings()
+    secure_state(settings)
     upgrade()
     with session_scope() as session:
         if not session.scalar(select(func.count()).select_from(ApiKey)):
@@ -107,8 +110,10 @@ def worker(
 
     from service.core.config import get_settings
     from service.core.queue import SCORING_QUEUE
+    from service.core.state_dirs import owner_only_umask
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    owner_only_umask()  # the adapters and reports it writes are tenants' data
     settings = get_settings()
     if not settings.redis_url:
         typer.echo(

@@ -17,6 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from service.core.config import get_settings
+from service.core.state_dirs import secure_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +79,7 @@ def make_engine(url: str) -> Engine:
 def get_engine() -> Engine:
     settings = get_settings()
     if settings.sqlalchemy_url.startswith("sqlite"):
-        settings.home_dir.mkdir(parents=True, exist_ok=True)
+        secure_state(settings)
     return make_engine(settings.sqlalchemy_url)
 
 

@@ -9,6 +9,7 @@ from alembic.config import Config
 
 import migrations
 from service.core.config import get_settings
+from service.core.state_dirs import secure_state
 
 # An installed package, so `pip install .` (not only editable installs) finds it.
 MIGRATIONS = Path(migrations.__file__).resolve().parent
@@ -24,5 +25,5 @@ def alembic_config(url: str | None = None) -> Config:
 def upgrade(url: str | None = None) -> None:
     settings = get_settings()
     if (url or settings.sqlalchemy_url).startswith("sqlite"):
-        settings.home_dir.mkdir(parents=True, exist_ok=True)
+        secure_state(settings)
     command.upgrade(alembic_config(url), "head")
