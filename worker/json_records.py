@@ -10,8 +10,17 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _BOM = b"\xef\xbb\xbf"
+
+MAX_LINE_BYTES = 8 * 1024 * 1024
+"""A JSONL line (one dialogue) longer than this is refused without being held in memory:
+real dialogues are kilobytes, and a 50 MB line would cost the reader several times that."""
+MAX_ARRAY_BYTES = 64 * 1024 * 1024
+"""A JSON array is parsed whole (the standard library has no incremental parser), at several
+times its size in memory: larger files must be JSONL, which streams."""
+_SKIP_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +53,36 @@ def _json_error(e: Exception) -> str:
     return "invalid JSON (nested too deeply)"
 
 
-def read_records(path: Path, is_array: bool) -> Iterator[tuple[int, object] | LineError]:
+def _lines(fh: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The file's lines; None for a line longer than ``limit`` bytes, which is skipped in
+    chunks so that memory stays bounded by ``limit`` whatever the line's length."""
+    while line := fh.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := fh.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def read_records(
+    path: Path,
+    is_array: bool,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_array_bytes: int = MAX_ARRAY_BYTES,
+) -> Iterator[tuple[int, object] | LineError]:
     """Yield (line or item number, decoded JSON value), or a LineError for an unreadable record."""
     if is_array:
         # A JSON array cannot be parsed incrementally with the standard library, so the whole
         # file is loaded at once. JSONL files, by contrast, are always streamed line by line.
+        size = path.stat().st_size
+        if size > max_array_bytes:
+            yield LineError(
+                0,
+                f"a JSON array file is parsed whole and may be at most {max_array_bytes} bytes "
+                f"(this one is {size}); write one record per line (JSONL) instead",
+            )
+            return
         data = path.read_bytes()
         try:
             text = data.decode("utf-8-sig")
@@ -59,12 +93,16 @@ def read_records(path: Path, is_array: bool) -> Iterator[tuple[int, object] | Li
         try:
             items = json.loads(text)  # a list: the text starts with "[" after optional whitespace
         except (json.JSONDecodeError, RecursionError) as e:
-            yield LineError(getattr(e, "lineno", 0), _json_error(e))
+            # A RecursionError has no position: a too-deep array is named by its first line.
+            yield LineError(getattr(e, "lineno", 1), _json_error(e))
             return
         yield from enumerate(items, start=1)
         return
     with path.open("rb") as fh:
-        for number, raw_line in enumerate(fh, start=1):
+        for number, raw_line in enumerate(_lines(fh, max_line_bytes), start=1):
+            if raw_line is None:
+                yield LineError(number, f"the line is longer than {max_line_bytes} bytes")
+                continue
             if number == 1 and raw_line.startswith(_BOM):
                 raw_line = raw_line[len(_BOM) :]
             try:
