@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from service.core.config import get_settings
 from service.core.errors import install_error_handlers
@@ -12,6 +14,7 @@ from service.core.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.datasets.endpoints import router as datasets_router
 from service.fine_tuning.endpoints import router as fine_tuning_router
 from service.health.endpoints import router as health_router
+from service.openapi_document import complete
 from service.roles.endpoints import router as roles_router
 from service.scoring_jobs.endpoints import router as scoring_router
 
@@ -41,4 +44,17 @@ def create_app() -> FastAPI:
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generated = get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes,
+            )  # fmt: skip
+            app.openapi_schema = complete(
+                generated, settings.allowed_models, set(settings.eval_set_paths)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

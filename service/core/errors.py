@@ -10,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class ServiceUnavailable(APIError):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A body that cannot be parsed (not JSON, not a multipart form)"},
     401: {"description": "Missing or unknown API key"},
     404: {"description": "No such object for this tenant"},
     422: {"description": "The body or parameters do not validate"},
@@ -106,10 +108,31 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(422, "invalid_request", message, ".".join(loc) or None)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    codes = {
+        400: "invalid_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+    }
+    response = _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
+    return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method of every route on this path: Starlette names only the first route's, and
+    GET and POST on one path are two routes here."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    methods.discard("HEAD")  # implied by GET, and not in the OpenAPI document
+    return sorted(methods)
 
 
 async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -118,6 +141,12 @@ async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
     return _error(
         503, "database_unavailable", "the database is unreachable; nothing was stored, retry"
     )
+
+
+async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+    """The database refused a value the schema allows, e.g. a NUL character in a string."""
+    first = str(getattr(exc, "orig", exc)).splitlines()[0]
+    return _error(422, "invalid_request", f"a value cannot be stored: {first}")
 
 
 async def _queue_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -132,6 +161,7 @@ async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(InterfaceError, _database_error)
     app.add_exception_handler(RedisConnectionError, _queue_error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.errors import APIError
-from service.core.pagination import ListParams, ListResponse, paginate
+from service.core.pagination import EVENT_ID, ListParams, ListResponse, paginate
 from service.models import JobEvent
 
 
@@ -50,10 +51,9 @@ def list_events(
     """A page of the job's events, newest first (``after``: an event id such as evt_42)."""
     after = None
     if params.after is not None:
-        digits = params.after.removeprefix("evt_")
-        if not digits.isdigit():
+        if not re.fullmatch(EVENT_ID, params.after):
             raise APIError("after must be an event id such as evt_42", param="after")
-        after = int(digits)
+        after = int(params.after.removeprefix("evt_"))
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     rows, more = paginate(session, stmt, JobEvent.id, params, after)
     return ListResponse(data=[event_out(e, kind) for e in rows], has_more=more)

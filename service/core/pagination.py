@@ -31,6 +31,18 @@ def list_params(
     return ListParams(after=after, limit=limit)
 
 
+EVENT_ID = r"^evt_[0-9]{1,18}$"
+
+
+def event_list_params(
+    after: Annotated[
+        str | None, Query(pattern=EVENT_ID, description="Return events after this one (evt_42).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size (1-100).")] = 20,
+) -> ListParams:
+    return ListParams(after=after, limit=limit)
+
+
 def paginate(
     session: Session,
     stmt: Select[Any],

@@ -46,10 +46,22 @@ def upload_dataset(
     session: SessionDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="JSONL or JSON in a supported format.")],
-    role_id: Annotated[str | None, Form(description="An existing role.")] = None,
-    role_name: Annotated[str | None, Form(description="Or create the role inline.")] = None,
-    role_profile: Annotated[str | None, Form(description="Profile for the inline role.")] = None,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    role_id: Annotated[str | None, Form(min_length=1, description="An existing role.")] = None,
+    role_name: Annotated[
+        str | None, Form(min_length=1, description="Or create the role inline.")
+    ] = None,
+    role_profile: Annotated[
+        str | None, Form(min_length=1, description="Profile for the inline role.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Retry-safe uploads: the same key and file answer the same dataset.",
+        ),
+    ] = None,
 ) -> DatasetOut:
     """Upload a character's training dialogues; the whole file is validated first."""
     content_type = (file.content_type or "").split(";")[0].strip().lower()

@@ -10,7 +10,13 @@ from service.core.auth import TenantDep
 from service.core.deps import SessionDep
 from service.core.errors import ERROR_RESPONSES
 from service.core.events import EventOut, list_events
-from service.core.pagination import ListParams, ListResponse, list_params, paginate
+from service.core.pagination import (
+    ListParams,
+    ListResponse,
+    event_list_params,
+    list_params,
+    paginate,
+)
 from service.fine_tuning import service
 from service.fine_tuning.schemas import FineTuningJobCreate, FineTuningJobOut
 from service.fine_tuning.storage import artifact
@@ -57,7 +63,7 @@ def list_fine_tuning_job_events(
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
-    params: Annotated[ListParams, Depends(list_params)],
+    params: Annotated[ListParams, Depends(event_list_params)],
 ) -> ListResponse[EventOut]:
     """The job's events (one per optimizer step with its loss, CE, KL), newest first."""
     job = service.get(session, tenant, job_id)

@@ -7,10 +7,11 @@ Every default is read from the trainer's dataclasses (:class:`trainer.config.Tra
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.roles.schemas import NOT_BLANK
 from trainer.config import (
     EVAL_SETTINGS,
     FULL_FT_LEARNING_RATE,
@@ -36,7 +37,7 @@ _TRAIN, _LORA, _EVAL, _JUDGE = TrainConfig(), LoraSettings(), EvalConfig(), Judg
 
 
 class LoraIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     r: int = Field(default=_LORA.r, ge=1, le=1024, description="Adapter rank.")
     alpha: int = Field(
@@ -49,7 +50,7 @@ class LoraIn(BaseModel):
 
 
 class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     n_epochs: int = Field(default=_TRAIN.n_epochs, ge=1, le=100)
     batch_size: int = Field(
@@ -108,25 +109,33 @@ class Hyperparameters(BaseModel):
 
 
 class SafetySetIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    prompts: list[str] | None = Field(
+    prompts: list[Annotated[str, Field(pattern=NOT_BLANK)]] | None = Field(
         default=None,
         min_length=1,
         max_length=10_000,
         description="Inline harmful prompts; omit to use the server's set of this name.",
     )
 
-    @model_validator(mode="after")
-    def _no_blank_prompts(self) -> SafetySetIn:
-        if self.prompts is not None and any(not p.strip() for p in self.prompts):
-            raise ValueError("prompts must not be empty strings")
-        return self
+
+def _llm_needs_endpoint_schema(schema: dict[str, Any]) -> None:
+    # The validator's rule, in the schema: an llm judge names its endpoint and model.
+    schema["if"] = {"properties": {"kind": {"const": "llm"}}, "required": ["kind"]}
+    schema["then"] = {
+        "required": ["url", "model"],
+        "properties": {
+            "url": {"type": "string", "minLength": 1},
+            "model": {"type": "string", "minLength": 1},
+        },
+    }
 
 
 class JudgeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra=_llm_needs_endpoint_schema
+    )
 
     kind: JudgeKind = Field(
         default=_JUDGE.kind, description="Refusal-phrase matcher, or an OpenAI-compatible guard."
@@ -144,7 +153,7 @@ class JudgeIn(BaseModel):
 
 
 class EvaluationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     safety_sets: list[SafetySetIn] | None = Field(
         default=None, max_length=16, description="Default: the server's default sets."
@@ -174,7 +183,7 @@ class EvaluationIn(BaseModel):
 
 
 class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset_id: str
     scoring_job_id: str = Field(description="A succeeded scoring job of the same dataset.")

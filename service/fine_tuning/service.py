@@ -60,7 +60,10 @@ def train_config(
             )
     lora = None if hp.lora is None else LoraSettings(**hp.lora.model_dump())
     rate = hp.learning_rate or default_learning_rate(lora is not None)
-    micro = hp.micro_batch_size or min(_DEFAULT_MICRO_BATCH, hp.batch_size)
+    # The default micro-batch divides the batch (a batch of 6 runs as 2 x 3, not 4 + 2).
+    micro = hp.micro_batch_size or max(
+        d for d in range(1, min(_DEFAULT_MICRO_BATCH, hp.batch_size) + 1) if hp.batch_size % d == 0
+    )
     # The request's names are the trainer's (``lambda`` is the alias of ``lambda_kl``).
     derived = {"lora", "learning_rate", "micro_batch_size", *_TRUNCATION}
     same = hp.model_dump(exclude=derived)

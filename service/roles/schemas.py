@@ -1,26 +1,59 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NOT_BLANK = r"\S"
+"""A pattern for strings with at least one non-space character (JSON Schema's and pydantic's
+patterns both search)."""
+
+
+def _prompts_in_pairs(schema: dict[str, Any]) -> None:
+    # The two prompts are strings when given, and given together: said in the schema too, so
+    # clients and fuzzers see the rule the validator enforces.
+    for name in ("role_prompt", "unsafe_prompt"):
+        prop = schema["properties"][name]
+        prop.pop("anyOf", None)
+        prop.pop("default", None)
+        prop.update(type="string", maxLength=50_000)
+    schema["dependentRequired"] = {
+        "role_prompt": ["unsafe_prompt"],
+        "unsafe_prompt": ["role_prompt"],
+    }
 
 
 class RoleCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200, description="The character's name.")
-    profile: str = Field(min_length=1, max_length=50_000, description="Character profile.")
+    model_config = ConfigDict(strict=True, json_schema_extra=_prompts_in_pairs)
+
+    name: str = Field(
+        min_length=1, max_length=200, pattern=NOT_BLANK, description="The character's name."
+    )
+    profile: str = Field(
+        min_length=1, max_length=50_000, pattern=NOT_BLANK, description="Character profile."
+    )
     role_prompt: str | None = Field(
         default=None, max_length=50_000, description="Full custom role system prompt."
     )
     unsafe_prompt: str | None = Field(
-        default=None, max_length=50_000, description="Full custom unsafe system prompt."
+        default=None,
+        max_length=50_000,
+        description="Full custom unsafe system prompt; give both prompts or neither.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_prompts(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in ("role_prompt", "unsafe_prompt"):
+                if name in data and data[name] is None:
+                    raise ValueError(f"{name} must be a string when given")
+        return data
 
     @model_validator(mode="after")
     def both_or_neither(self) -> RoleCreate:
         if (self.role_prompt is None) != (self.unsafe_prompt is None):
             raise ValueError("give both role_prompt and unsafe_prompt, or neither")
-        if not self.name.strip() or not self.profile.strip():
-            raise ValueError("name and profile must not be blank")
         return self
 
 

@@ -10,7 +10,13 @@ from service.core.auth import TenantDep
 from service.core.deps import SessionDep
 from service.core.errors import ERROR_RESPONSES
 from service.core.events import EventOut, list_events
-from service.core.pagination import ListParams, ListResponse, list_params, paginate
+from service.core.pagination import (
+    ListParams,
+    ListResponse,
+    event_list_params,
+    list_params,
+    paginate,
+)
 from service.models import ScoringJob
 from service.scoring_jobs import service
 from service.scoring_jobs.schemas import ScoringJobCreate, ScoringJobOut
@@ -47,7 +53,7 @@ def list_scoring_job_events(
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
-    params: Annotated[ListParams, Depends(list_params)],
+    params: Annotated[ListParams, Depends(event_list_params)],
 ) -> ListResponse[EventOut]:
     """The job's events, newest first (after: an event id such as evt_42)."""
     job = service.get(session, tenant, job_id)

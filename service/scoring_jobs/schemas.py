@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ScoringJobCreate(BaseModel):
+    # Strict: false is not a margin, 0 is not a boolean (lax mode would coerce both).
+    model_config = ConfigDict(strict=True)
+
     dataset_id: str
     model: str | None = Field(default=None, description="Allowed models only; default: server's.")
     backend: Literal["transformers", "vllm"] | None = None

@@ -182,6 +182,10 @@ def test_upload_and_idempotency(
     other.write_text(path.read_text().splitlines()[0] + "\n")
     assert upload(client, h, other, role, **{"Idempotency-Key": "k1"}).status_code == 409
     assert client.delete(f"/v1/roles/{role}", headers=h).status_code == 409  # in use
+    # An empty key is no key at all: refused, not stored as "" (a second "" was a 500).
+    for _ in range(2):
+        empty = upload(client, h, path, role, **{"Idempotency-Key": ""})
+        assert empty.status_code == 422, empty.text
 
 
 def test_inline_role_upload(

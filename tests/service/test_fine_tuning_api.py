@@ -144,7 +144,7 @@ def test_scoring_job_checks(
         ({"hyperparameters": {"lora": {"r": 0}}}, "r"),
         ({"hyperparameters": {"bogus": 1}}, "bogus"),
         ({"evaluation": {"safety_sets": [{"name": "nowhere"}]}}, "nowhere"),
-        ({"evaluation": {"safety_sets": [{"name": "x", "prompts": [" "]}]}}, "empty"),
+        ({"evaluation": {"safety_sets": [{"name": "x", "prompts": [" "]}]}}, "prompts.0"),
         ({"evaluation": {"judge": {"kind": "llm"}}}, "url"),
         ({"evaluation": {"max_new_tokens": 0}}, "max_new_tokens"),
     ],

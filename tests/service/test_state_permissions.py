@@ -29,7 +29,12 @@ def test_embedded_state_is_owner_only(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)  # what most shells have
     try:
         # Empty URLs select the embedded default (SQLite, in-process jobs), whatever is set.
-        env = {"SARFT_HOME": str(home), "SARFT_DATABASE_URL": "", "SARFT_REDIS_URL": ""}
+        env = {
+            "SARFT_HOME": str(home),
+            "SARFT_DATABASE_URL": "",
+            "SARFT_REDIS_URL": "",
+            "SARFT_ARTIFACTS_DIR": str(home / "artifacts"),  # the default, whatever is set
+        }
         server = ServerProcess(env)
     finally:
         os.umask(old_umask)
