@@ -10,9 +10,11 @@ key with `sarft keys create`, then:
    multipart request: wall time -> rows/s and MB/s, and the API process's RSS
    before and at its peak during the upload (VmRSS sampled every 50 ms, plus
    VmHWM when the upload set a new high-water mark);
-2. polls one resource with --concurrency asyncio tasks sharing one
-   httpx.AsyncClient for --seconds seconds (at most 200,000 requests): requests/s,
-   p50/p90/p99 latency and errors (non-200 or exceptions).
+2. polls one resource for --seconds seconds (at most 200,000 requests): closed loop with
+   --concurrency asyncio tasks sharing one httpx.AsyncClient, or open loop with --rate
+   requests/s (each request due at its time whatever the others do, its latency counted
+   from then): requests/s, p50/p90/p99 latency, errors (non-200 or exceptions) and the
+   server's CPU per request. --server-cpus / --client-cpus pin each side to its cores.
 
 With --database postgres (default) the service uses a fresh Postgres database
 (dropped at the end) and Redis db 9 under a unique queue prefix. No worker runs,
@@ -403,9 +405,66 @@ async def _poll(
     )
 
 
-def poll(
-    base_url: str, headers: dict[str, str], url: str, concurrency: int, seconds: float, pid: int
+async def _poll_open_loop(
+    base_url: str, headers: dict[str, str], url: str, rate: float, seconds: float, pid: int
 ) -> PollResult:
+    """Open loop: request i is due at start + i / rate whatever the earlier ones are doing,
+    and its latency counts from when it was due, so a slow server cannot slow the load down
+    and hide its own queueing (no coordinated omission)."""
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    latencies: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, limits=limits, timeout=30.0
+    ) as client:
+        await asyncio.gather(*(client.get(url) for _ in range(16)))  # warm-up, not counted
+
+        async def one(due: float) -> None:
+            nonlocal errors, first_error
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            try:
+                resp = await client.get(url)
+                ok = resp.status_code == 200
+                if not ok and first_error is None:
+                    first_error = f"{resp.status_code} {resp.text[:300]}"
+            except Exception as exc:
+                ok = False
+                if first_error is None:
+                    first_error = f"{type(exc).__name__}: {exc}"
+            latencies.append((time.perf_counter() - due) * 1000.0)
+            if not ok:
+                errors += 1
+
+        total = min(MAX_POLL_REQUESTS, int(rate * seconds))
+        cpu0, server0 = time.process_time(), proc_cpu_seconds(pid)
+        start = time.perf_counter() + 0.05
+        await asyncio.gather(*(one(start + i / rate) for i in range(total)))
+        elapsed = time.perf_counter() - start
+        cpu1, server1 = time.process_time(), proc_cpu_seconds(pid)
+    server_cpu = None if server0 is None or server1 is None else server1 - server0
+    return PollResult(
+        requests=len(latencies),
+        seconds=elapsed,
+        latencies_ms=latencies,
+        errors=errors,
+        first_error=first_error,
+        client_cpu_s=cpu1 - cpu0,
+        server_cpu_s=server_cpu,
+    )
+
+
+def poll(
+    base_url: str,
+    headers: dict[str, str],
+    url: str,
+    concurrency: int,
+    seconds: float,
+    pid: int,
+    rate: float | None = None,
+) -> PollResult:
+    if rate:
+        return asyncio.run(_poll_open_loop(base_url, headers, url, rate, seconds, pid))
     return asyncio.run(_poll(base_url, headers, url, concurrency, seconds, pid))
 
 
@@ -479,8 +538,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"the model inside the API; polling GET {poll_url} instead"
                 )
 
-        print(f"polling GET {poll_url}: {args.concurrency} tasks, {args.seconds:g}s ...")
-        pr = poll(server.base_url, headers, poll_url, args.concurrency, args.seconds, pid)
+        if args.server_cpus:
+            os.sched_setaffinity(pid, args.server_cpus)
+        if args.client_cpus:
+            os.sched_setaffinity(0, args.client_cpus)
+        load = f"{args.rate:g} requests/s, open loop" if args.rate else f"{args.concurrency} tasks"
+        print(f"polling GET {poll_url}: {load}, {args.seconds:g}s ...")
+        pr = poll(
+            server.base_url, headers, poll_url, args.concurrency, args.seconds, pid, args.rate
+        )
         if pr.first_error:
             print(f"first poll error {pr.first_error}")
         log_problems, last_problems = server.log_problems()
@@ -513,6 +579,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_log_problems": log_problems,
         "poll_client_cpu_s": pr.client_cpu_s,
         "poll_server_cpu_s": pr.server_cpu_s,
+        "server_cpu_ms_per_request": (
+            None
+            if pr.server_cpu_s is None or not pr.requests
+            else 1000 * pr.server_cpu_s / pr.requests
+        ),
+        "rate": args.rate,
+        "server_cpus": sorted(args.server_cpus or []),
+        "client_cpus": sorted(args.client_cpus or []),
         "database": args.database,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
@@ -528,6 +602,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--database", choices=("postgres", "sqlite"), default="postgres")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--rate", type=float, default=None,
+        help="open-loop load: this many requests/s whatever the latency (else closed loop)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server-cpus", type=lambda v: {int(c) for c in v.split(",")}, default=None,
+        help="pin the API process to these cores, e.g. 0",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-cpus", type=lambda v: {int(c) for c in v.split(",")}, default=None,
+        help="pin the load generator to these cores, e.g. 1",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.rows < 1 or args.concurrency < 1 or args.seconds <= 0:
         parser.error("--rows and --concurrency must be >= 1 and --seconds > 0")
@@ -547,7 +633,16 @@ def main() -> None:
             ["API RSS peak (MiB)", result["api_rss_peak_mib"]],
             ["API RSS after (MiB)", result["api_rss_after_mib"]],
             ["poll target", "GET " + result["poll_target"]],
-            ["concurrency", result["concurrency"]],
+            [
+                "load",
+                f"{result['rate']:g}/s open loop"
+                if result["rate"]
+                else f"{result['concurrency']} tasks, closed loop",
+            ],
+            [
+                "server cores / client cores",
+                f"{result['server_cpus'] or 'any'} / {result['client_cpus'] or 'any'}",
+            ],
             ["poll requests", result["poll_requests"]],
             ["poll req/s", result["poll_rps"]],
             ["poll p50 (ms)", result["poll_p50_ms"]],
@@ -556,6 +651,7 @@ def main() -> None:
             ["poll errors", result["poll_errors"]],
             ["client CPU s (poll)", result["poll_client_cpu_s"]],
             ["server CPU s (poll)", result["poll_server_cpu_s"]],
+            ["server CPU ms / request", result["server_cpu_ms_per_request"]],
         ],
     )
     save_json(args.json, result)

@@ -65,6 +65,14 @@ def db_upgrade() -> None:
 def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes (production: about one per core; needs SARFT_REDIS_URL, as "
+            "embedded jobs run inside the one API process).",
+        ),
+    ] = 1,
 ) -> None:
     """Run the API (migrating first); with no Redis configured, jobs run in-process."""
     import uvicorn
@@ -94,6 +102,16 @@ def serve(
         scoring_tasks.recover_embedded()
         fine_tuning_tasks.recover_embedded()
         _reaper(max(1.0, settings.stale_after_s / 4))
+    if workers > 1:
+        if settings.embedded_queue:
+            typer.echo("error: --workers > 1 needs SARFT_REDIS_URL (a shared job queue)", err=True)
+            raise typer.Exit(2)
+        # Each process builds its own app (and database pool) from the factory.
+        uvicorn.run(
+            "service.app:create_app", factory=True, host=host, port=port, workers=workers,
+            log_level="info",
+        )  # fmt: skip
+        return
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
 
 

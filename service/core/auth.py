@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from typing import Annotated
 
 from fastapi import Depends, Header
@@ -16,6 +17,11 @@ from service.core.ids import new_id
 from service.models import ApiKey, Tenant
 
 KEY_PREFIX = "sk-sarft-"
+KEY_CACHE_S = 10.0
+"""A valid key is looked up once per this many seconds per process (status polling would
+otherwise pay a query per request); a revoked key stops working within this time."""
+KEY_CACHE_SIZE = 10_000
+_known_keys: dict[str, tuple[str, float]] = {}
 
 
 def hash_key(key: str) -> str:
@@ -43,10 +49,17 @@ def current_tenant(
 ) -> str:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    key = authorization[7:].strip()
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    key_hash = hash_key(authorization[7:].strip())
+    now = time.monotonic()
+    cached = _known_keys.get(key_hash)
+    if cached is not None and cached[1] > now:
+        return cached[0]
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
     if row is None or row.revoked:
         raise Unauthorized("unknown or revoked API key")
+    if len(_known_keys) >= KEY_CACHE_SIZE:
+        _known_keys.clear()
+    _known_keys[key_hash] = (row.tenant_id, now + KEY_CACHE_S)
     return row.tenant_id
 
 

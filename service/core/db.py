@@ -88,6 +88,18 @@ def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for requests that only read: autocommit, so a GET costs its queries and no
+    BEGIN/COMMIT round trips."""
+    return _read_sessionmaker(get_engine())
+
+
+@lru_cache(maxsize=4)  # keyed by the engine: a new engine (tests, settings) gets its own
+def _read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return sessionmaker(bind=autocommit, expire_on_commit=False)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session for jobs and scripts: commit on success, roll back on error."""

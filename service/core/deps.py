@@ -5,14 +5,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from service.core.db import session_scope
+from service.core.db import get_read_sessionmaker, session_scope
+
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 
 
-def get_session() -> Iterator[Session]:
-    """One session per request: commit on success, roll back on any error."""
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request: commit on success, roll back on any error; reads (GET, HEAD)
+    run in autocommit, as each of their queries sees committed data anyway."""
+    if request.method in READ_ONLY_METHODS:
+        session = get_read_sessionmaker()()
+        try:
+            yield session
+        finally:
+            session.close()
+        return
     with session_scope() as session:
         yield session
 

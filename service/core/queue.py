@@ -9,6 +9,7 @@ row whose task the queue no longer holds (Redis was down at the commit, or resta
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,19 +88,23 @@ class RQQueue:
         self.rq_queue(queue).enqueue(
             func,
             args=args,
-            # The prefix keeps deployments sharing one Redis apart, as the queue names do.
-            job_id=self.settings.queue_prefix + job_id,
+            job_id=self.task_id(job_id),
             job_timeout=self.settings.job_timeout_s,
             result_ttl=24 * 3600,
             failure_ttl=7 * 24 * 3600,
         )
+
+    def task_id(self, job_id: str) -> str:
+        """The prefix keeps deployments sharing one Redis apart, as in the queue names; RQ
+        allows only letters, digits, _ and - in job ids."""
+        return re.sub(r"[^A-Za-z0-9_-]", "-", self.settings.queue_prefix) + job_id
 
     def holds(self, queue: str, job_id: str) -> bool:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job, JobStatus
 
         try:
-            job = Job.fetch(self.settings.queue_prefix + job_id, connection=self.redis)
+            job = Job.fetch(self.task_id(job_id), connection=self.redis)
         except NoSuchJobError:
             return False
         status = job.get_status(refresh=False)
