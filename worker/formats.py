@@ -322,6 +322,12 @@ def iter_samples(path: Path, fmt: DatasetFormat | None = None) -> Iterator[Sampl
         yield item
 
 
+def scan_file(path: Path, fmt: DatasetFormat | None = None) -> Iterator[Sample | LineError]:
+    """Every sample and every bad record of a file, in file order, in one pass (for callers
+    that store the samples while they validate, and discard them on any error)."""
+    yield from _Scan(Path(path), fmt)
+
+
 def validate_file(path: Path, max_errors: int = 100) -> ValidationReport:
     """Check a whole file, keeping the first ``max_errors`` errors and counting valid samples.
 

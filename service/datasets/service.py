@@ -6,8 +6,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert, select
@@ -19,9 +21,12 @@ from service.core.ids import new_id
 from service.core.scoping import get_owned
 from service.datasets.schemas import DatasetOut
 from service.models import Dataset, DatasetSample, JobEvent, JobStatus, ScoringJob
-from worker.formats import iter_samples, validate_file
+from worker.formats import DatasetError, detect_format, scan_file
+from worker.json_records import LineError
 
 INSERT_BATCH = 2000
+MAX_REPORTED_ERRORS = 100
+COPY_SAMPLES = "COPY dataset_samples (dataset_id, idx, line, record) FROM STDIN"
 COPY_CHUNK = 1 << 20
 
 
@@ -88,21 +93,19 @@ def import_file(
     sha256: str,
     idempotency_key: str | None,
 ) -> Dataset:
-    """Validate the whole file; store nothing unless every record is good."""
-    report = validate_file(path)
-    if report.errors or report.format is None:
-        raise InvalidFile(
-            f"the file has {report.total_errors or len(report.errors)} invalid record(s)",
-            param="file",
-            errors=[{"line": e.line, "message": e.message} for e in report.errors[:100]],
-        )
+    """Validate and store the file in one pass; any bad record raises InvalidFile, and the
+    request's transaction then rolls back every row written: nothing is stored."""
+    try:
+        fmt = detect_format(path)
+    except DatasetError as exc:
+        raise _invalid(exc.errors, len(exc.errors)) from exc
     dataset = Dataset(
         id=new_id("ds"),
         tenant_id=tenant_id,
         role_id=role_id,
         filename=filename[:300],
-        format=report.format.value,
-        num_samples=report.num_samples,
+        format=fmt.value,
+        num_samples=0,
         bytes=size,
         sha256=sha256,
         idempotency_key=idempotency_key,
@@ -118,22 +121,52 @@ def import_file(
         ):
             raise AlreadyUploaded(won) from exc
         raise
+    errors: list[LineError] = []
+    total_errors = num_samples = 0
+    with sample_writer(session, dataset.id) as write:
+        for item in scan_file(path, fmt):
+            if isinstance(item, LineError):
+                total_errors += 1
+                if len(errors) < MAX_REPORTED_ERRORS:
+                    errors.append(item)
+                continue
+            num_samples += 1
+            if not total_errors:  # after the first error nothing will be kept: stop writing
+                write(item.index, item.line, json.dumps(item.raw, ensure_ascii=False))
+    if total_errors:
+        raise _invalid(errors, total_errors)
+    dataset.num_samples = num_samples
+    return dataset
+
+
+def _invalid(errors: list[LineError], total: int) -> InvalidFile:
+    return InvalidFile(
+        f"the file has {total} invalid record(s)",
+        param="file",
+        errors=[{"line": e.line, "message": e.message} for e in errors[:MAX_REPORTED_ERRORS]],
+    )
+
+
+@contextmanager
+def sample_writer(session: Session, dataset_id: str) -> Iterator[Callable[[int, int, str], None]]:
+    """Rows into dataset_samples: COPY on Postgres (several times faster than INSERTs), batched
+    INSERTs elsewhere; all inside the session's transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        raw: Any = session.connection().connection.dbapi_connection  # a psycopg Connection
+        with raw.cursor() as cursor, cursor.copy(COPY_SAMPLES) as copy:
+            yield lambda idx, line, record: copy.write_row((dataset_id, idx, line, record))
+        return
     batch: list[dict[str, object]] = []
-    for sample in iter_samples(path, report.format):
-        batch.append(
-            {
-                "dataset_id": dataset.id,
-                "idx": sample.index,
-                "line": sample.line,
-                "record": json.dumps(sample.raw, ensure_ascii=False),
-            }
-        )
+
+    def write(idx: int, line: int, record: str) -> None:
+        batch.append({"dataset_id": dataset_id, "idx": idx, "line": line, "record": record})
         if len(batch) >= INSERT_BATCH:
             session.execute(insert(DatasetSample), batch)
-            batch = []
+            batch.clear()
+
+    yield write
     if batch:
         session.execute(insert(DatasetSample), batch)
-    return dataset
 
 
 def get(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
