@@ -89,6 +89,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     owner_only_umask()
     settings = get_settings()
+    if workers > 1 and settings.embedded_queue:
+        typer.echo("error: --workers > 1 needs SARFT_REDIS_URL (a shared job queue)", err=True)
+        raise typer.Exit(2)
     secure_state(settings)
     upgrade()
     with session_scope() as session:
@@ -103,9 +106,6 @@ def serve(
         fine_tuning_tasks.recover_embedded()
         _reaper(max(1.0, settings.stale_after_s / 4))
     if workers > 1:
-        if settings.embedded_queue:
-            typer.echo("error: --workers > 1 needs SARFT_REDIS_URL (a shared job queue)", err=True)
-            raise typer.Exit(2)
         # Each process builds its own app (and database pool) from the factory.
         uvicorn.run(
             "service.app:create_app", factory=True, host=host, port=port, workers=workers,

@@ -290,3 +290,20 @@ def test_worker_with_an_unknown_scoring_model(monkeypatch: pytest.MonkeyPatch) -
     finally:
         config.get_settings.cache_clear()
     assert "no-such-model" in line
+
+
+def test_serve_refuses_several_processes_without_redis(tmp_path: Path) -> None:
+    """Embedded jobs run inside the one API process: refused before anything is created."""
+    home = tmp_path / "home"
+    env: dict[str, str | None] = {
+        "SARFT_HOME": str(home),
+        "SARFT_DATABASE_URL": None,
+        "SARFT_REDIS_URL": None,
+    }
+    config.get_settings.cache_clear()
+    try:
+        line = error_line(invoke("serve", "--workers", "2", env=env))
+    finally:
+        config.get_settings.cache_clear()
+    assert "SARFT_REDIS_URL" in line
+    assert not home.exists()
