@@ -4,6 +4,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.scoring.backends import ScoreConfig
+
+_ENGINE = ScoreConfig()  # the engine's defaults, written once there
+
 
 class ScoringJobCreate(BaseModel):
     # Strict: false is not a margin, 0 is not a boolean (lax mode would coerce both).
@@ -13,10 +17,12 @@ class ScoringJobCreate(BaseModel):
     model: str | None = Field(default=None, description="Allowed models only; default: server's.")
     backend: Literal["transformers", "vllm"] | None = None
     margin: float = Field(
-        default=0.0, ge=-100, le=100, description="Flag if s_unsafe-s_role > margin."
+        default=_ENGINE.margin, ge=-100, le=100, description="Flag if s_unsafe-s_role > margin."
     )
-    compute_reference: bool = Field(default=True, description="Run the empty-system pass.")
-    batch_size: int = Field(default=16, ge=1, le=512)
+    compute_reference: bool = Field(
+        default=_ENGINE.compute_reference, description="Run the empty-system pass."
+    )
+    batch_size: int = Field(default=_ENGINE.batch_size, ge=1, le=512)
 
 
 class Progress(BaseModel):
