@@ -173,10 +173,18 @@ def worker(
             log.warning("worker loop: %s", exc)
         # RQ's loop quits on an error it does not handle, such as Redis going away as a job
         # ends; the model stays loaded and a new loop starts once Redis answers again.
-        if burst or getattr(rq_worker, "_stop_requested", False):
+        if burst or _stop_was_requested(rq_worker):
             return
         log.warning("the worker loop ended (Redis unreachable?); restarting when Redis answers")
         _wait_for_redis(redis)
+
+
+def _stop_was_requested(rq_worker: Any) -> bool:
+    """Whether RQ's loop ended on SIGTERM/SIGINT: RQ records the time of the request (an idle
+    worker stops at once, a busy one after its job), and sets no public flag."""
+    return getattr(rq_worker, "_shutdown_requested_date", None) is not None or bool(
+        getattr(rq_worker, "_stop_requested", False)
+    )
 
 
 def _wait_for_redis(redis: Any) -> None:

@@ -119,12 +119,15 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
+        """SIGTERM, as a deployment stops a worker: it must exit (after its job, if busy)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+                self.log.close()
+                raise AssertionError("the worker ignored SIGTERM for 30 s") from None
         self.log.close()
 
     def output(self) -> str:
