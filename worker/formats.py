@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class Sample:
     line: int  # 1-based line number (JSONL) or 1-based item number (JSON array)
     messages: tuple[Message, ...]
     raw: dict[str, Any]  # the original JSON object, unchanged
+    # Its JSON text as uploaded (JSONL), stored without re-encoding; not part of its identity.
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 class DatasetError(ValueError):
@@ -276,7 +278,7 @@ class _Scan:
             if isinstance(record, LineError):
                 yield record
                 continue
-            number, obj = record
+            number, obj, text = record
             try:
                 if self.fmt is None:
                     self.fmt = _detect(obj)
@@ -285,7 +287,7 @@ class _Scan:
                 yield LineError(number, str(e), unit)
                 continue
             assert isinstance(obj, dict)
-            yield Sample(index=index, line=number, messages=messages, raw=obj)
+            yield Sample(index=index, line=number, messages=messages, raw=obj, text=text)
             index += 1
         if not seen:
             yield LineError(0, "the file is empty (no samples)")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -21,6 +21,12 @@ MAX_ARRAY_BYTES = 64 * 1024 * 1024
 """A JSON array is parsed whole (the standard library has no incremental parser), at several
 times its size in memory: larger files must be JSONL, which streams."""
 _SKIP_CHUNK = 1 << 20
+
+
+class Record(NamedTuple):
+    number: int  # the 1-based line (JSONL) or item (JSON array) number
+    value: object  # the decoded JSON
+    text: str | None  # the record's JSON text as uploaded (JSONL lines only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,8 @@ def read_records(
     is_array: bool,
     max_line_bytes: int = MAX_LINE_BYTES,
     max_array_bytes: int = MAX_ARRAY_BYTES,
-) -> Iterator[tuple[int, object] | LineError]:
-    """Yield (line or item number, decoded JSON value), or a LineError for an unreadable record."""
+) -> Iterator[Record | LineError]:
+    """Yield each record (number, decoded value, text), or a LineError for an unreadable one."""
     if is_array:
         # A JSON array cannot be parsed incrementally with the standard library, so the whole
         # file is loaded at once. JSONL files, by contrast, are always streamed line by line.
@@ -96,7 +102,8 @@ def read_records(
             # A RecursionError has no position: a too-deep array is named by its first line.
             yield LineError(getattr(e, "lineno", 1), _json_error(e))
             return
-        yield from enumerate(items, start=1)
+        for number, item in enumerate(items, start=1):
+            yield Record(number, item, None)
         return
     with path.open("rb") as fh:
         for number, raw_line in enumerate(_lines(fh, max_line_bytes), start=1):
@@ -116,6 +123,6 @@ def read_records(
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
+                yield Record(number, json.loads(text), text.strip())
             except (json.JSONDecodeError, RecursionError) as e:
                 yield LineError(number, _json_error(e))

@@ -12,10 +12,10 @@ def test_a_long_line_is_refused_and_the_next_keeps_its_number(tmp_path: Path) ->
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n' + '{"b": "' + "x" * 5000 + '"}\n' + '{"c": 3}\n{"d": 4}')
     records = list(read_records(path, is_array=False, max_line_bytes=100))
-    assert records[0] == (1, {"a": 1})
+    assert records[0] == (1, {"a": 1}, '{"a": 1}')
     assert isinstance(records[1], LineError) and records[1].line == 2
     assert "longer than 100 bytes" in records[1].message
-    assert records[2:] == [(3, {"c": 3}), (4, {"d": 4})]
+    assert records[2:] == [(3, {"c": 3}, '{"c": 3}'), (4, {"d": 4}, '{"d": 4}')]
 
 
 def test_a_line_exactly_at_the_limit_is_read(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_a_line_exactly_at_the_limit_is_read(tmp_path: Path) -> None:
     path = tmp_path / "rows.jsonl"
     path.write_text(line + "\n")
     assert list(read_records(path, is_array=False, max_line_bytes=len(line) + 1)) == [
-        (1, {"k": "y" * 90})
+        (1, {"k": "y" * 90}, line)
     ]
 
 
