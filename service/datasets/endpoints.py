@@ -14,7 +14,7 @@ from service.datasets import service
 from service.datasets.schemas import DatasetOut
 from service.models import Dataset
 from service.roles import service as roles
-from service.roles.schemas import Deleted, RoleCreate
+from service.roles.schemas import NOT_BLANK, Deleted, RoleCreate
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
@@ -48,10 +48,12 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description="JSONL or JSON in a supported format.")],
     role_id: Annotated[str | None, Form(min_length=1, description="An existing role.")] = None,
     role_name: Annotated[
-        str | None, Form(min_length=1, description="Or create the role inline.")
+        str | None,
+        Form(min_length=1, pattern=NOT_BLANK, description="Or create the role inline."),
     ] = None,
     role_profile: Annotated[
-        str | None, Form(min_length=1, description="Profile for the inline role.")
+        str | None,
+        Form(min_length=1, pattern=NOT_BLANK, description="Profile for the inline role."),
     ] = None,
     idempotency_key: Annotated[
         str | None,

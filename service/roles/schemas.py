@@ -4,9 +4,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-NOT_BLANK = r"\S"
-"""A pattern for strings with at least one non-space character (JSON Schema's and pydantic's
-patterns both search)."""
+NOT_BLANK = "[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""A pattern for strings with a character that str.strip keeps (the prompts strip): Python's
+whitespace, listed as characters, because \\s means other sets in the Rust engine pydantic
+validates with (not U+001C-U+001F) and in ECMAScript (also U+FEFF)."""
 
 
 def _prompts_in_pairs(schema: dict[str, Any]) -> None:

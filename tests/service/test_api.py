@@ -266,3 +266,21 @@ def test_tenant_isolation_on_every_route(
     assert cancelled["status"] == "cancelled"
     events = client.get(f"/v1/scoring_jobs/{job}/events", headers=a).json()["data"]
     assert [e["message"] for e in events] == ["cancelled by the user", "job created"]
+
+
+def test_not_blank_means_what_strip_means() -> None:
+    """The schema's "not blank" pattern, Python's str.strip and pydantic's validation agree on
+    every code point (a profile of U+001C passed the old \\S pattern, then failed as blank)."""
+    import re
+
+    from pydantic import ValidationError
+
+    from service.roles.schemas import NOT_BLANK, RoleCreate
+
+    for code in range(0x110000):
+        char = chr(code)
+        assert bool(re.search(NOT_BLANK, char)) == bool(char.strip()), hex(code)
+    for blank in ("\x1c", " \t", "\u3000"):
+        with pytest.raises(ValidationError):
+            RoleCreate(name="n", profile=blank)
+    assert RoleCreate(name="n", profile="\ufeff").profile == "\ufeff"
