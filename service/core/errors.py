@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
@@ -135,6 +136,17 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def _model_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A request value that one of the API's own models refused after parsing (e.g. an inline
+    role built from form fields): the client's input, so a 422, never a 500."""
+    assert isinstance(exc, ValidationError)
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}"
+        for e in exc.errors()[:10]
+    )
+    return _error(422, "invalid_request", message)
+
+
 async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
     """The database went away (restart, network) during the request: nothing was committed."""
     log.warning("database unavailable: %s", exc)
@@ -161,6 +173,7 @@ async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ValidationError, _model_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(InterfaceError, _database_error)

@@ -49,11 +49,21 @@ def upload_dataset(
     role_id: Annotated[str | None, Form(min_length=1, description="An existing role.")] = None,
     role_name: Annotated[
         str | None,
-        Form(min_length=1, pattern=NOT_BLANK, description="Or create the role inline."),
+        Form(
+            min_length=1,
+            max_length=200,
+            pattern=NOT_BLANK,
+            description="Or create the role inline.",
+        ),
     ] = None,
     role_profile: Annotated[
         str | None,
-        Form(min_length=1, pattern=NOT_BLANK, description="Profile for the inline role."),
+        Form(
+            min_length=1,
+            max_length=50_000,
+            pattern=NOT_BLANK,
+            description="Profile for the inline role.",
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None,
