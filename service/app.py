@@ -12,6 +12,7 @@ from service.core.config import get_settings
 from service.core.errors import install_error_handlers
 from service.core.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.datasets.endpoints import router as datasets_router
+from service.fine_tuning.checkpoint_endpoints import router as checkpoints_router
 from service.fine_tuning.endpoints import router as fine_tuning_router
 from service.health.endpoints import router as health_router
 from service.openapi_document import complete
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
         datasets_router,
         scoring_router,
         fine_tuning_router,
+        checkpoints_router,
     ):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)

@@ -187,3 +187,33 @@ class FineTuningJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A separate validation set and the scoring job whose flags its KL uses (null: held out).
+    validation_dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    validation_scoring_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("scoring_jobs.id", ondelete="CASCADE"), nullable=True
+    )
+    suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # "metadata" is the declarative base's own attribute: the column keeps the API's name.
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    estimated_finish: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(400), nullable=True)
+
+
+class FineTuningCheckpoint(Base):
+    """A checkpoint a fine-tuning job wrote: its step, metrics and weights archive."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step_number"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True
+    )
+    step_number: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The weights archive, relative to the job's artifact directory.
+    archive: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -8,13 +8,16 @@ loss, evaluate the trained model, write the report and archive the adapter (or t
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from trainer import checkpoints
 from trainer.artifacts import archive_name, write_archive
+from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import EvalConfig, JudgeSettings
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
 from trainer.evaluate import evaluate_settings
@@ -26,7 +29,14 @@ from trainer.report import (
     scoring_section,
     write_report,
 )
-from trainer.run_spec import EvalResources, Phase, RunCancelled, RunHooks, RunInputs
+from trainer.run_spec import (
+    CheckpointSettings,
+    EvalResources,
+    Phase,
+    RunCancelled,
+    RunHooks,
+    RunInputs,
+)
 from trainer.train import TrainResult, fine_tune
 from worker.formats import Sample
 from worker.model_loader import load_model
@@ -34,6 +44,7 @@ from worker.packaged_models import base_model_id
 
 VALIDATION_SEED = 0  # the held-out split depends only on the dataset size and this seed
 CANCEL_CHECK_S = 2.0  # how often evaluation asks should_stop (it may query a database)
+BASE_EVALUATION = "base_evaluation.json"  # kept across a resume: the base model is the same
 
 
 def run_fine_tuning(
@@ -42,24 +53,35 @@ def run_fine_tuning(
     *,
     resources: EvalResources | None = None,
     hooks: RunHooks | None = None,
+    checkpoint_settings: CheckpointSettings | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every step into ``out_dir`` (emptied first); return the run's summary."""
+    """Run every step into ``out_dir``; return the run's summary.
+
+    A new run empties ``out_dir`` first. With ``resume`` (the host's earlier attempt died) the
+    run keeps what that attempt left: its base evaluation and its newest checkpoint, from which
+    training continues (see :func:`trainer.train.fine_tune`).
+    """
     hooks = hooks or RunHooks()
-    train_idx, val_idx = _split(inputs)
-    train_samples = [inputs.samples[i] for i in train_idx]
-    flags = [bool(inputs.scores[i]["flagged"]) for i in train_idx]
-    if out_dir.exists():
+    train_samples, train_flags, validation, validation_flags = _split(inputs)
+    if out_dir.exists() and not resume:
         shutil.rmtree(out_dir)  # an earlier attempt's partial files
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     loaded = load_model(inputs.model)
     evaluator = None
     evaluation: EvaluationSection | None = None
     if inputs.evaluation is not None:
-        held_out = [inputs.samples[i] for i in val_idx]
-        evaluator = _Evaluator(inputs, inputs.evaluation, resources or EvalResources(), held_out)
-        _enter(hooks, Phase.EVALUATING_BASE, "evaluating the base model", **evaluator.describe())
-        base = evaluator.run(loaded.model, loaded.tokenizer, "base", hooks)
+        evaluator = _Evaluator(inputs, inputs.evaluation, resources or EvalResources(), validation)
+        saved_base = out_dir / BASE_EVALUATION
+        if resume and saved_base.is_file():
+            base = json.loads(saved_base.read_text(encoding="utf-8"))
+        else:
+            _enter(
+                hooks, Phase.EVALUATING_BASE, "evaluating the base model", **evaluator.describe()
+            )
+            base = evaluator.run(loaded.model, loaded.tokenizer, "base", hooks)
+            saved_base.write_text(json.dumps(base), encoding="utf-8")
         evaluation = {"base": base, "tuned": None}
 
     config = inputs.config
@@ -68,20 +90,31 @@ def run_fine_tuning(
         Phase.TRAINING,
         "training",
         samples=len(train_samples),
-        flagged=sum(flags),
+        flagged=sum(train_flags),
+        validation=len(validation),
         method=config.method,
         lora=config.lora is not None,
     )
+
+    def on_checkpoint(saved: Checkpoint, deleted: list[Checkpoint]) -> None:
+        hooks.on_checkpoint(saved.step, saved.metrics, saved.archive, [d.step for d in deleted])
+
+    plan = checkpoint_settings or CheckpointSettings()
     trained = fine_tune(
         loaded.model,
         loaded.tokenizer,
         train_samples,
-        flags,
+        train_flags,
         inputs.prompts,
         config,
         out_dir,
         base_model_name=base_model_id(inputs.model),
+        validation=validation,
+        validation_flags=validation_flags,
+        checkpoint_policy=CheckpointPolicy(every=plan.every, keep=plan.keep),
+        resume=resume,
         on_step=hooks.on_step,
+        on_checkpoint=on_checkpoint,
         should_stop=hooks.should_stop,
     )
     if trained.stopped:
@@ -91,12 +124,44 @@ def run_fine_tuning(
         evaluation["tuned"] = evaluator.run(trained.model, loaded.tokenizer, "tuned", hooks)
 
     _enter(hooks, Phase.REPORTING, "writing the report and the archive")
-    result = _summary(inputs, trained, len(train_samples), len(val_idx), sum(flags), evaluation)
+    result = _summary(
+        inputs, trained, len(train_samples), len(validation), sum(train_flags), evaluation
+    )
     _publish(inputs, out_dir, trained, result, evaluation)
+    checkpoints.finish(out_dir)
     return result
 
 
-def _split(inputs: RunInputs) -> tuple[list[int], list[int]]:
+Split = tuple[list[Sample], list[bool], list[Sample], list[bool]]
+
+
+def _split(inputs: RunInputs) -> Split:
+    """Training samples and flags, validation samples and flags: a separate validation set
+    when the inputs carry one, else a held-out fraction when the run evaluates."""
+
+    def flags(scores: Sequence[Mapping[str, Any]], idx: Sequence[int]) -> list[bool]:
+        return [bool(scores[i]["flagged"]) for i in idx]
+
+    samples, scores = inputs.samples, inputs.scores
+    if inputs.validation_samples is not None:
+        every = range(len(samples))
+        validation = list(inputs.validation_samples)
+        return (
+            list(samples),
+            flags(scores, every),
+            validation,
+            flags(inputs.validation_scores, range(len(validation))),
+        )
+    train_idx, val_idx = _held_out(inputs)
+    return (
+        [samples[i] for i in train_idx],
+        flags(scores, train_idx),
+        [samples[i] for i in val_idx],
+        flags(scores, val_idx),
+    )
+
+
+def _held_out(inputs: RunInputs) -> tuple[list[int], list[int]]:
     indices = list(range(len(inputs.samples)))
     train_idx, val_idx = indices, list[int]()
     plan = inputs.evaluation
@@ -130,6 +195,13 @@ def _summary(
         "num_flagged": num_flagged,
         "num_kl_samples": trained.num_kl_samples,
         "steps": trained.steps,
+        "resumed_from_step": trained.resumed_from,
+        "trained_tokens": int(trained.final.get("trained_tokens", 0)),
+        "final_validation": {
+            k: trained.final.get(k) for k in ("valid_loss", "valid_ce", "valid_kl")
+        }
+        if "valid_loss" in trained.final
+        else None,
         "final": {k: trained.final.get(k) for k in ("loss", "ce", "kl")},
         "evaluation": None if evaluation is None else evaluation_summary(evaluation),
     }

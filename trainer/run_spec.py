@@ -21,6 +21,7 @@ class Phase(StrEnum):
     """Where a fine-tuning job is; a job row stores it, the API shows it."""
 
     QUEUED = "queued"
+    VALIDATING_FILES = "validating_files"  # a worker checks the job's rows before loading
     LOADING = "loading"
     EVALUATING_BASE = "evaluating_base"
     TRAINING = "training"
@@ -47,6 +48,9 @@ class RunHooks:
     """An optimizer step ended, with its metrics (``step``, ``total_steps``, losses...)."""
     on_generated: Callable[[str, str, int, int], None] = _ignore
     """Evaluation progress: (which model, "base" or "tuned"; stage; done; total)."""
+    on_checkpoint: Callable[[int, dict[str, float], Path, list[int]], None] = _ignore
+    """A checkpoint was written: (its step, its metrics, its weights archive, the steps of the
+    older checkpoints deleted to keep the configured number)."""
     should_stop: Callable[[], bool] = lambda: False
     """Asked at every phase, every step and every few seconds of evaluation."""
 
@@ -68,6 +72,18 @@ class RunInputs:
     """The RDS scores of each sample (``SampleScores.to_json()``), in sample order."""
     margin: float
     """The margin the flags were computed with (shown in the report)."""
+    validation_samples: Sequence[Sample] | None = None
+    """A separate validation set (with ``validation_scores``); None holds out a fraction of
+    ``samples`` when the run evaluates, and validates on nothing otherwise."""
+    validation_scores: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Plain-data twin of :class:`trainer.checkpoints.CheckpointPolicy` (which needs torch)."""
+
+    every: int | None = None
+    keep: int = 3
 
 
 @dataclass(frozen=True)

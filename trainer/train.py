@@ -15,7 +15,9 @@ is never projected onto the vocabulary.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import itertools
 import json
 import math
 import time
@@ -28,6 +30,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 
+from trainer import checkpoints
+from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import TrainConfig
 from trainer.data import (
     Batch,
@@ -45,6 +49,8 @@ from worker.prompts import RolePrompts
 
 StepMetrics = dict[str, float]
 ReferenceLogits = Callable[[Batch, int], torch.Tensor]
+OnCheckpoint = Callable[[Checkpoint, list[Checkpoint]], None]
+"""Called with each checkpoint written and the older ones that were deleted."""
 
 
 @dataclass
@@ -56,6 +62,7 @@ class TrainResult:
     num_kl_samples: int  # samples the KL term applied to
     final: StepMetrics  # the last step's metrics (empty when no step ran)
     history: list[StepMetrics] = field(default_factory=list)  # as in metrics.jsonl
+    resumed_from: int | None = None  # the checkpoint's step a resumed run started after
     config_path: Path | None = None
     metrics_path: Path | None = None
     adapter_dir: Path | None = None  # LoRA runs
@@ -128,12 +135,14 @@ def _prepare(
 
     def adapter_disabled_reference(batch: Batch, keep: int) -> torch.Tensor:
         # The base model in eval mode (as the authors' frozen reference), without a second copy.
+        # The policy's mode is restored: validation calls this with the policy in eval mode.
+        was_training = policy.training
         policy.eval()
         try:
             with torch.no_grad(), policy.disable_adapter():
                 return _logits(policy, batch, keep)
         finally:
-            policy.train()
+            policy.train(was_training)
 
     return policy, adapter_disabled_reference
 
@@ -226,6 +235,7 @@ def _optimizer_step(
     elapsed = max(time.perf_counter() - started, 1e-9)
     return {
         **totals,
+        "tokens": float(tokens),
         "lr": lr,
         "grad_norm": float(grad_norm),
         "tokens_per_s": tokens / elapsed,
@@ -262,41 +272,143 @@ def _optimizer(
     return optimizer, scheduler
 
 
-def _run_steps(
+def _validation_metrics(
     policy: Any,
     reference: ReferenceLogits,
     examples: Sequence[TrainExample],
     pad_id: int,
     config: TrainConfig,
-    total_steps: int,
-    metrics_path: Path,
-    *,
-    on_step: Callable[[StepMetrics], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[list[StepMetrics], bool]:
-    """Every optimizer step, each logged to ``metrics_path``; returns (history, stopped)."""
-    optimizer, scheduler = _optimizer(policy, config, total_steps)
-    can_slice = _supports_logits_to_keep(policy)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    history: list[StepMetrics] = []
-    policy.train()
-    with metrics_path.open("w", encoding="utf-8") as metrics_file:
-        for step, step_examples in enumerate(
-            step_batches(examples, config.batch_size, total_steps, config.seed), 1
-        ):
-            if should_stop is not None and should_stop():
-                return history, True
-            metrics = _optimizer_step(
-                policy, reference, step_examples, pad_id, config, optimizer, scheduler, can_slice
+    can_slice: bool,
+) -> StepMetrics:
+    """The loss, CE and KL over the validation examples, normalised as one step over all of
+    them (so they compare with the training step's), in eval mode and without gradients."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    step_tokens = sum(e.num_response_tokens for e in examples)
+    totals = {"valid_loss": 0.0, "valid_ce": 0.0, "valid_kl": 0.0}
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), config.micro_batch_size):
+                batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
+                parts = _micro_batch_loss(
+                    policy, reference, batch, config, can_slice, step_tokens, len(examples)
+                )
+                totals["valid_loss"] += parts.total.item()
+                totals["valid_ce"] += parts.ce.item()
+                totals["valid_kl"] += parts.kl.item()
+    finally:
+        policy.train(was_training)
+    return totals
+
+
+@dataclass
+class _Loop:
+    """The optimizer steps of a run, with validation and checkpoints at the policy's steps."""
+
+    policy: Any
+    reference: ReferenceLogits
+    tokenizer: Any
+    examples: Sequence[TrainExample]
+    validation: Sequence[TrainExample]
+    config: TrainConfig
+    total_steps: int
+    out_dir: Path
+    checkpoint_policy: CheckpointPolicy
+    on_step: Callable[[StepMetrics], None] | None = None
+    on_checkpoint: OnCheckpoint | None = None
+    should_stop: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
+        self.can_slice = _supports_logits_to_keep(self.policy)
+        self.history: list[StepMetrics] = []
+        self.step = 0
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Continue after ``checkpoint``: its weights, optimizer, scheduler, RNG and step."""
+        state = checkpoints.load_trainer_state(checkpoint)
+        if state["total_steps"] != self.total_steps:
+            raise RuntimeError(
+                f"checkpoint planned {state['total_steps']} steps, this run {self.total_steps}: "
+                "the data or the settings changed"
             )
-            record = {"step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch}
-            record.update(metrics)
-            history.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if on_step is not None:
-                on_step(record)
-    return history, False
+        checkpoints.load_weights(self.policy, checkpoint, lora=self.config.lora is not None)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+        checkpoints.set_rng_state(state["rng"])
+
+    def run(self, metrics_path: Path) -> bool:
+        """Every remaining step, each logged to ``metrics_path``; True when stopped early."""
+        steps_per_epoch = math.ceil(len(self.examples) / self.config.batch_size)
+        batches = step_batches(
+            self.examples, self.config.batch_size, self.total_steps, self.config.seed
+        )
+        self.policy.train()
+        with metrics_path.open("w", encoding="utf-8") as metrics_file:
+            for record in self.history:  # the steps before a resume
+                metrics_file.write(json.dumps(record) + "\n")
+            for step, step_examples in enumerate(
+                itertools.islice(batches, self.step, None), self.step + 1
+            ):
+                if self.should_stop is not None and self.should_stop():
+                    return True
+                metrics = _optimizer_step(
+                    self.policy,
+                    self.reference,
+                    step_examples,
+                    self.pad_id,
+                    self.config,
+                    self.optimizer,
+                    self.scheduler,
+                    self.can_slice,
+                )
+                record = {"step": step, "total_steps": self.total_steps}
+                record.update(epoch=step / steps_per_epoch, **metrics)
+                before = self.history[-1]["trained_tokens"] if self.history else 0.0
+                record["trained_tokens"] = before + metrics["tokens"]
+                due = self.checkpoint_policy.due(step, self.total_steps)
+                if due and self.validation:
+                    record.update(self._validate())
+                self.history.append(record)
+                self.step = step
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if due:
+                    self._checkpoint(record)
+                if self.on_step is not None:
+                    self.on_step(record)
+        return False
+
+    def _validate(self) -> StepMetrics:
+        return _validation_metrics(
+            self.policy, self.reference, self.validation, self.pad_id, self.config, self.can_slice
+        )
+
+    def _checkpoint(self, record: StepMetrics) -> None:
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+        }
+        metrics = {k: v for k, v in record.items() if k != "step"}
+        saved = checkpoints.save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.policy,
+            self.tokenizer,
+            self.config.lora is not None,
+            state,
+            metrics,
+        )
+        deleted = checkpoints.prune(self.out_dir, self.checkpoint_policy.keep, self.total_steps)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(saved, deleted)
 
 
 def fine_tune(
@@ -309,7 +421,12 @@ def fine_tune(
     out_dir: Path | str,
     *,
     base_model_name: str | None = None,
+    validation: Sequence[Sample] = (),
+    validation_flags: Sequence[bool | int] = (),
+    checkpoint_policy: CheckpointPolicy | None = None,
+    resume: bool = False,
     on_step: Callable[[StepMetrics], None] | None = None,
+    on_checkpoint: OnCheckpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``samples`` (encoded as ``config.train_system_prompt``
@@ -320,8 +437,15 @@ def fine_tune(
     the adapter is saved to ``out_dir/adapter`` with ``base_model_name`` (default: the model's
     ``name_or_path``) recorded in its adapter_config.json; without LoRA the model and tokenizer
     are saved to ``out_dir/model``. ``train_config.json`` and ``metrics.jsonl`` (one line per
-    step) go to ``out_dir``. ``on_step`` receives each step's metrics; ``should_stop`` is asked
-    before each step and ends the run without saving a checkpoint when it returns True.
+    step) go to ``out_dir``.
+
+    Checkpoints (:mod:`trainer.checkpoints`) are written under ``out_dir/checkpoints`` at the
+    steps ``checkpoint_policy`` names and always at the final step; at each of them the loss,
+    CE and KL over ``validation`` (with the KL on its ``validation_flags`` rows, as in
+    training) join the step's metrics. With ``resume`` the run continues after the newest
+    checkpoint in ``out_dir`` if there is one, and ends as the uninterrupted run would.
+    ``on_step`` receives each step's metrics, ``on_checkpoint`` each checkpoint; ``should_stop``
+    is asked before each step and ends the run without saving when it returns True.
     """
     if not samples:
         raise ValueError("no training samples")
@@ -329,36 +453,52 @@ def fine_tune(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     kl_flags = select_kl_subset(flags, config.method, config.random_seed)
-    examples = encode_examples(
-        samples,
-        kl_flags,
-        tokenizer,
-        prompts,
+    encode = functools.partial(
+        encode_examples,
+        tokenizer=tokenizer,
+        prompts=prompts,
         max_prompt_tokens=config.max_prompt_tokens,
         max_response_tokens=config.max_response_tokens,
         system_prompt=config.train_system_prompt,
+    )
+    examples = encode(samples, kl_flags)
+    # The validation KL anchors the rows training would anchor: the same method's subset.
+    validation_examples = encode(
+        validation, select_kl_subset(validation_flags, config.method, config.random_seed)
     )
     name = base_model_name or getattr(model, "name_or_path", None) or None
     policy, reference = _prepare(model, config, name)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")
-    metrics_path = out_dir / "metrics.jsonl"
-    history, stopped = _run_steps(
+    loop = _Loop(
         policy,
         reference,
+        tokenizer,
         examples,
-        pad_token_id(tokenizer),
+        validation_examples,
         config,
         total_steps,
-        metrics_path,
+        out_dir,
+        checkpoint_policy or CheckpointPolicy(),
         on_step=on_step,
+        on_checkpoint=on_checkpoint,
         should_stop=should_stop,
     )
+    resumed_from = None
+    if resume and (last := checkpoints.latest_resumable(out_dir)) is not None:
+        loop.resume(last)
+        resumed_from = last.step
+        if on_checkpoint is not None:
+            # The host may not have recorded it: the last process could die right after it.
+            on_checkpoint(last, [])
+    metrics_path = out_dir / "metrics.jsonl"
+    stopped = loop.run(metrics_path)
     policy.eval()
     adapter_dir = model_dir = None
     if not stopped:
         adapter_dir, model_dir = _save(policy, tokenizer, config, out_dir)
+    history = loop.history
     return TrainResult(
         model=policy,
         steps=len(history),
@@ -367,6 +507,7 @@ def fine_tune(
         num_kl_samples=sum(kl_flags),
         final=history[-1] if history else {},
         history=history,
+        resumed_from=resumed_from,
         config_path=config_path,
         metrics_path=metrics_path,
         adapter_dir=adapter_dir,

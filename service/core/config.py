@@ -52,7 +52,13 @@ class Settings(BaseSettings):
     """How long a running scoring shard waits out an unreachable database (a restart, a
     failover) before it fails; it resumes where its last committed chunk ended."""
     max_attempts: int = 3
-    """Runs of one shard before a lost worker fails the job instead of re-queueing."""
+    """Runs of one scoring shard or fine-tuning job before a lost worker fails it instead of
+    re-queueing it (a fine-tuning job resumes from its newest checkpoint)."""
+    checkpoint_every: int = Field(default=10, ge=0)
+    """Optimizer steps between a fine-tuning job's checkpoints (with validation metrics);
+    the final step always gets one. 0: only the final step."""
+    checkpoint_keep: int = Field(default=3, ge=1)
+    """Checkpoints kept per fine-tuning job (the final one always is); older ones are deleted."""
     eval_sets: str = ""
     """Harmful-prompt sets fine-tuning jobs may evaluate on, ``name=path`` comma-separated,
     e.g. ``advbench=/data/eval/harmful_behaviors.csv``: AdvBench or BeaverTails CSV, or JSONL

@@ -34,13 +34,22 @@ def cancel(session: Session, job: Job) -> Job:
     return job
 
 
-def fail(session: Session, model: type[Job], job_id: str, error: str, **data: Any) -> None:
+def fail(
+    session: Session,
+    model: type[Job],
+    job_id: str,
+    error: str,
+    code: str | None = None,
+    **data: Any,
+) -> None:
     """Fail the job with ``error`` unless it already finished; the row lock orders racing
-    workers and reapers."""
+    workers and reapers. ``code`` is kept where the job kind has one (fine-tuning jobs)."""
     job = session.get(model, job_id, with_for_update=True)
     if job is None or JobStatus(job.status).finished:
         return
     job.status = JobStatus.FAILED
     job.error = error
+    if isinstance(job, FineTuningJob):
+        job.error_code = code or "internal_error"
     job.finished_at = utcnow()
     add_event(session, job_id, f"job failed: {error}", level="error", **data)

@@ -182,15 +182,43 @@ class EvaluationIn(BaseModel):
     )
 
 
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
 class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset_id: str
     scoring_job_id: str = Field(description="A succeeded scoring job of the same dataset.")
+    validation_dataset_id: str | None = Field(
+        default=None,
+        description="A dataset of the same role to validate on (loss, CE and KL at each "
+        "checkpoint; ROUGE-L when evaluating); it needs a succeeded scoring job with the same "
+        "model, whose flags its KL uses. Default: a held-out fraction of the training dataset "
+        "when evaluating, else no validation.",
+    )
     method: Method = _TRAIN.method
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     evaluation: EvaluationIn | None = Field(
         default_factory=EvaluationIn, description="null skips evaluation."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**31 - 1,
+        description="Seeds the adapter's initialisation, dropout and the data order (the same "
+        "as hyperparameters.seed, which it must not contradict).",
+    )
+    suffix: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Part of fine_tuned_model's name: ft:<base>:<suffix>:<job id>.",
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        default=None, max_length=16, description="Up to 16 key-value pairs of your own."
     )
 
 
@@ -200,13 +228,38 @@ class FineTuningProgress(BaseModel):
     total_steps: int | None
 
 
+class JobError(BaseModel):
+    code: str = Field(
+        description="invalid_inputs, training_error, worker_lost (after every attempt), "
+        "internal_error."
+    )
+    message: str
+    param: str | None = None
+
+
 class FineTuningJobOut(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     created_at: int
     dataset_id: str
     scoring_job_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    validation_dataset_id: str | None = None
+    validation_scoring_job_id: str | None = None
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"] = (
+        Field(description="validating_files: a worker is checking the job's rows.")
+    )
+    fine_tuned_model: str | None = Field(
+        default=None, description="Once succeeded: ft:<base>:<suffix>:<job id>."
+    )
+    trained_tokens: int = Field(
+        default=0, description="Tokens in the optimizer steps taken (prompt and response)."
+    )
+    estimated_finish: int | None = Field(
+        default=None, description="While training: when training should end (unix seconds)."
+    )
+    seed: int
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
     model: str | None
     method: str
     hyperparameters: dict[str, Any]
@@ -214,5 +267,5 @@ class FineTuningJobOut(BaseModel):
     progress: FineTuningProgress
     started_at: int | None
     finished_at: int | None
-    error: str | None
+    error: JobError | None
     result: dict[str, Any] | None

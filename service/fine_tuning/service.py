@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core import job_state
@@ -20,9 +21,10 @@ from service.fine_tuning.schemas import (
     FineTuningJobOut,
     FineTuningProgress,
     Hyperparameters,
+    JobError,
 )
 from service.fine_tuning.tasks import enqueue
-from service.models import FineTuningJob, JobStatus
+from service.models import Dataset, FineTuningJob, JobStatus, ScoringJob
 from service.scoring_jobs import service as scoring_jobs
 from service.scoring_jobs.tasks import scoring_encoding
 from trainer.config import (
@@ -129,13 +131,30 @@ def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineT
             "so it must have succeeded",
             param="scoring_job_id",
         )
-    config = train_config(body.method, body.hyperparameters, scoring_encoding(scoring))
+    hp = body.hyperparameters
+    if body.seed is not None:
+        if "seed" in hp.model_fields_set and hp.seed != body.seed:
+            raise Unprocessable(
+                f"seed {body.seed} contradicts hyperparameters.seed {hp.seed}", param="seed"
+            )
+        hp = hp.model_copy(update={"seed": body.seed})
+    config = train_config(body.method, hp, scoring_encoding(scoring))
     plan = None if body.evaluation is None else eval_config(body.evaluation)
+    validation = validation_scoring = None
+    if body.validation_dataset_id is not None:
+        validation, validation_scoring = _validation_inputs(
+            session, tenant_id, body.validation_dataset_id, dataset, scoring
+        )
     job = FineTuningJob(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
         dataset_id=dataset.id,
         scoring_job_id=scoring.id,
+        validation_dataset_id=None if validation is None else validation.id,
+        validation_scoring_job_id=None if validation_scoring is None else validation_scoring.id,
+        suffix=body.suffix,
+        user_metadata=body.metadata,
+        trained_tokens=0,
         status=JobStatus.QUEUED,
         phase=Phase.QUEUED,
         # The flags came from this model's rewards; training starts from the same weights.
@@ -151,6 +170,39 @@ def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineT
     session.flush()
     enqueue(session, job.id)
     return job
+
+
+def _validation_inputs(
+    session: Session, tenant_id: str, dataset_id: str, train: Dataset, scoring: ScoringJob
+) -> tuple[Dataset, ScoringJob]:
+    """The validation dataset and its newest succeeded scoring job with the training model."""
+    param = "validation_dataset_id"
+    validation = datasets.get(session, tenant_id, dataset_id)
+    if validation.id == train.id:
+        raise Unprocessable("the validation dataset is the training dataset", param=param)
+    if validation.role_id != train.role_id:
+        raise Unprocessable(
+            f"dataset {validation.id} belongs to another role than {train.id}", param=param
+        )
+    scored = session.scalar(
+        select(ScoringJob)
+        .where(
+            ScoringJob.dataset_id == validation.id,
+            ScoringJob.status == JobStatus.SUCCEEDED,
+            ScoringJob.model == scoring.model,
+            ScoringJob.margin == scoring.margin,
+        )
+        .order_by(ScoringJob.created_at.desc())
+        .limit(1)
+    )
+    if scored is None:
+        raise Conflict(
+            f"dataset {validation.id} has no succeeded scoring job with model "
+            f"{scoring.model or 'default'} and margin {scoring.margin}: its KL needs the flags, "
+            "so score it first",
+            param=param,
+        )
+    return validation, scored
 
 
 def get(session: Session, tenant_id: str, job_id: str) -> FineTuningJob:
@@ -174,13 +226,31 @@ def _evaluation_out(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**plan, "safety_sets": sets}
 
 
+def _status(job: FineTuningJob) -> str:
+    # OpenAI's status while the inputs are checked; the row says running (a worker holds it).
+    if job.status == JobStatus.RUNNING and job.phase == Phase.VALIDATING_FILES:
+        return "validating_files"
+    return JobStatus(job.status).value
+
+
 def to_out(job: FineTuningJob) -> FineTuningJobOut:
+    error = None
+    if job.error is not None:
+        error = JobError(code=job.error_code or "internal_error", message=job.error)
     return FineTuningJobOut(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
         dataset_id=job.dataset_id,
         scoring_job_id=job.scoring_job_id,
-        status=JobStatus(job.status).value,
+        validation_dataset_id=job.validation_dataset_id,
+        validation_scoring_job_id=job.validation_scoring_job_id,
+        status=_status(job),  # type: ignore[arg-type]
+        fine_tuned_model=job.fine_tuned_model,
+        trained_tokens=job.trained_tokens or 0,
+        estimated_finish=timestamp(job.estimated_finish),
+        seed=int(job.hyperparameters.get("seed", 0)),
+        suffix=job.suffix,
+        metadata=job.user_metadata,
         model=job.model,
         method=job.method,
         hyperparameters=job.hyperparameters,
@@ -188,6 +258,6 @@ def to_out(job: FineTuningJob) -> FineTuningJobOut:
         progress=FineTuningProgress(phase=job.phase, step=job.step, total_steps=job.total_steps),
         started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at),
-        error=job.error,
+        error=error,
         result=job.result,
     )

@@ -5,9 +5,13 @@ and hands them to the database-free pipeline (:func:`trainer.pipeline.run_fine_t
 callbacks record phases, steps and evaluation progress as job events and ask whether the user
 cancelled. Each optimizer step updates the job's progress.
 
-A job does not resume: a failure or cancellation leaves it failed or cancelled with the reason,
-and a worker that dies mid-job stops heartbeating, so the reaper (:func:`reap_stale_jobs`, run
-by every ``sarft worker`` and by the embedded server) fails it. Nothing stays ``running``.
+A job resumes: a worker that dies mid-job stops heartbeating, and the reaper
+(:func:`reap_stale_jobs`, run by every ``sarft worker`` and by the embedded server) queues it
+again, up to ``SARFT_MAX_ATTEMPTS`` runs; the next worker continues from the newest checkpoint
+(:mod:`trainer.checkpoints`) with the base evaluation it already has. The database writes of a
+run wait out a database outage (``SARFT_OUTAGE_GRACE_S``) instead of failing it. An error in
+the run itself, or a cancellation, ends the job failed or cancelled with the reason. Nothing
+stays ``running``.
 """
 
 from __future__ import annotations
@@ -15,27 +19,46 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from service.core import job_state
 from service.core.config import get_settings
-from service.core.db import after_commit, session_scope, utcnow
+from service.core.db import after_commit, retry_transient, session_scope, utcnow
 from service.core.events import add_event
 from service.core.heartbeat import Heartbeat
+from service.core.ids import new_id
 from service.core.job_state import WORKER_NAME
 from service.core.queue import TRAINING_QUEUE, dispatch, get_queue
 from service.datasets.repository import load_samples
 from service.fine_tuning.storage import artifact_dir
-from service.models import Dataset, FineTuningJob, JobStatus, Role, ScoringJob
+from service.models import (
+    Dataset,
+    FineTuningCheckpoint,
+    FineTuningJob,
+    JobStatus,
+    Role,
+    ScoringJob,
+)
 from service.roles.service import prompts_of
 from service.scoring_jobs.service import load_scores
 from trainer.config import EvalConfig, TrainConfig
-from trainer.run_spec import EvalResources, Phase, RunCancelled, RunHooks, RunInputs
-from worker.packaged_models import is_bundled
+from trainer.run_spec import (
+    CheckpointSettings,
+    EvalResources,
+    Phase,
+    RunCancelled,
+    RunHooks,
+    RunInputs,
+)
+from worker.packaged_models import base_model_id, is_bundled
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +77,9 @@ def run_fine_tuning_job(job_id: str) -> None:
 
     settings = get_settings()
     with session_scope() as session:
-        if not _claim(session, job_id):
-            return
+        attempt = _claim(session, job_id)
+    if attempt is None:
+        return
     beat = Heartbeat(
         job_id,
         settings.heartbeat_s,
@@ -64,44 +88,69 @@ def run_fine_tuning_job(job_id: str) -> None:
         ),
     )
     resources = EvalResources(settings.eval_set_paths, settings.judge_api_key)
+    out_dir = artifact_dir(job_id)
     try:
         with beat:
+            inputs = _durable(lambda: _load_inputs(job_id), "reading the job's inputs")
             result = run_fine_tuning(
-                _load_inputs(job_id),
-                artifact_dir(job_id),
+                inputs,
+                out_dir,
                 resources=resources,
                 hooks=_hooks(job_id),
+                checkpoint_settings=CheckpointSettings(
+                    every=settings.checkpoint_every or None, keep=settings.checkpoint_keep
+                ),
+                # A later attempt continues from what the lost one left in its directory.
+                resume=attempt > 1,
             )
     except RunCancelled:
         log.info("fine-tuning job %s cancelled", job_id)
-        shutil.rmtree(artifact_dir(job_id), ignore_errors=True)  # partial files serve nobody
+        shutil.rmtree(out_dir, ignore_errors=True)  # partial files serve nobody
         return
     except Exception as exc:
         log.exception("fine-tuning job %s failed", job_id)
+        code = "invalid_inputs" if isinstance(exc, InvalidInputs) else "training_error"
         with session_scope() as session:
-            fail(session, job_id, f"{type(exc).__name__}: {exc}")
-        shutil.rmtree(artifact_dir(job_id), ignore_errors=True)
+            fail(session, job_id, f"{type(exc).__name__}: {exc}", code)
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         gc.collect()
+    _durable(lambda: _publish(job_id, result), "recording the result")
+
+
+class InvalidInputs(RuntimeError):
+    """The job's rows cannot be trained on (a deleted dataset, samples without a score)."""
+
+
+def _durable(work: Callable[[], T], what: str) -> T:
+    """``work`` (its own transactions, safe to repeat) waiting out a database outage."""
+    return retry_transient(work, get_settings().outage_grace_s, what)
+
+
+def _publish(job_id: str, result: dict[str, Any]) -> None:
     with session_scope() as session:
         _succeed(session, job_id, result)
 
 
-def _claim(session: Session, job_id: str) -> bool:
-    """Mark a queued job running on this worker; False when there is nothing to run."""
+def _claim(session: Session, job_id: str) -> int | None:
+    """Mark a queued job running on this worker: its attempt number, or None when there is
+    nothing to run."""
     job = session.get(FineTuningJob, job_id, with_for_update=True)
     if job is None:
         log.warning("fine-tuning job %s no longer exists", job_id)
-        return False
+        return None
     if job.status != JobStatus.QUEUED:
-        return False  # cancelled while queued, or already taken
-    job.status, job.phase = JobStatus.RUNNING, Phase.LOADING
+        return None  # cancelled while queued, or already taken
+    job.status, job.phase = JobStatus.RUNNING, Phase.VALIDATING_FILES
     job.attempts += 1
     job.worker = WORKER_NAME
-    job.started_at = job.heartbeat_at = utcnow()
-    add_event(session, job_id, "job started", worker=WORKER_NAME)
-    return True
+    job.heartbeat_at = utcnow()
+    job.started_at = job.started_at or job.heartbeat_at
+    job.estimated_finish = None
+    message = "job started" if job.attempts == 1 else "job resumed"
+    add_event(session, job_id, message, worker=WORKER_NAME, attempt=job.attempts)
+    return job.attempts
 
 
 def _succeed(session: Session, job_id: str, result: dict[str, Any]) -> None:
@@ -111,15 +160,23 @@ def _succeed(session: Session, job_id: str, result: dict[str, Any]) -> None:
     job.status, job.phase = JobStatus.SUCCEEDED, Phase.DONE
     job.result = result
     job.finished_at = utcnow()
+    job.estimated_finish = None
+    job.fine_tuned_model = fine_tuned_model_name(job)
     headline = {k: result[k] for k in ("steps", "final", "evaluation")}
     add_event(session, job_id, "job succeeded", **headline)
 
 
-def fail(session: Session, job_id: str, error: str) -> None:
+def fine_tuned_model_name(job: FineTuningJob) -> str:
+    """A stable name for the trained model, as OpenAI's ``ft:<base>:<suffix>:<id>``."""
+    parts = ["ft", base_model_id(job.model), *([job.suffix] if job.suffix else []), job.id]
+    return ":".join(parts)
+
+
+def fail(session: Session, job_id: str, error: str, code: str) -> None:
     # Locked before reading the phase the event records, as job_state.fail locks it again.
     job = session.get(FineTuningJob, job_id, with_for_update=True)
     phase = None if job is None else job.phase
-    job_state.fail(session, FineTuningJob, job_id, error, phase=phase)
+    job_state.fail(session, FineTuningJob, job_id, error, code, phase=phase)
 
 
 def _load_inputs(job_id: str) -> RunInputs:
@@ -130,14 +187,18 @@ def _load_inputs(job_id: str) -> RunInputs:
         dataset = session.get(Dataset, job.dataset_id)
         scoring = session.get(ScoringJob, job.scoring_job_id)
         if dataset is None or scoring is None:
-            raise RuntimeError("the dataset or its scoring job was deleted")
+            raise InvalidInputs("the dataset or its scoring job was deleted")
         role = session.get(Role, dataset.role_id)
         assert role is not None
-        samples = load_samples(session, dataset)
-        scores = load_scores(session, scoring.id)
-        missing = [s.index for s in samples if s.index not in scores]
-        if missing:
-            raise RuntimeError(f"{len(missing)} samples have no score (first: {missing[0]})")
+        samples, scores = _scored_samples(session, dataset, scoring)
+        validation: list[Any] | None = None
+        validation_scores: list[dict[str, Any]] = []
+        if job.validation_dataset_id is not None:
+            v_dataset = session.get(Dataset, job.validation_dataset_id)
+            v_scoring = session.get(ScoringJob, job.validation_scoring_job_id)
+            if v_dataset is None or v_scoring is None:
+                raise InvalidInputs("the validation dataset or its scoring job was deleted")
+            validation, validation_scores = _scored_samples(session, v_dataset, v_scoring)
         return RunInputs(
             run_id=job.id,
             model=None if is_bundled(job.model) else job.model,
@@ -145,47 +206,121 @@ def _load_inputs(job_id: str) -> RunInputs:
             evaluation=None if job.evaluation is None else EvalConfig.from_dict(job.evaluation),
             prompts=prompts_of(role),
             samples=samples,
-            scores=[scores[s.index] for s in samples],
+            scores=scores,
             margin=scoring.margin,
+            validation_samples=validation,
+            validation_scores=validation_scores,
         )
+
+
+def _scored_samples(
+    session: Session, dataset: Dataset, scoring: ScoringJob
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    samples = load_samples(session, dataset)
+    scores = load_scores(session, scoring.id)
+    missing = [s.index for s in samples if s.index not in scores]
+    if missing:
+        raise InvalidInputs(
+            f"{len(missing)} samples of {dataset.id} have no score (first: {missing[0]})"
+        )
+    return samples, [scores[s.index] for s in samples]
 
 
 # --- the pipeline's callbacks: events, progress, cancellation -----------------------------------
 
 
 def _hooks(job_id: str) -> RunHooks:
+    """Each callback's writes are one transaction, repeated through a database outage: a
+    repeat after a commit whose answer was lost can at worst duplicate an event."""
+    step_seconds: list[float] = []  # this attempt's steps, for the estimated finish
+
     def cancelled() -> bool:
-        with session_scope() as session:
-            status = session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
-        return status != JobStatus.RUNNING
+        def read() -> str | None:
+            with session_scope() as session:
+                return session.scalar(
+                    select(FineTuningJob.status).where(FineTuningJob.id == job_id)
+                )
+
+        return _durable(read, "checking for a cancel") != JobStatus.RUNNING
 
     def on_phase(phase: Phase, message: str, data: dict[str, Any]) -> None:
-        with session_scope() as session:
-            session.execute(
-                update(FineTuningJob).where(FineTuningJob.id == job_id).values(phase=phase)
-            )
-            add_event(session, job_id, message, phase=phase.value, **data)
+        def write() -> None:
+            with session_scope() as session:
+                session.execute(
+                    update(FineTuningJob).where(FineTuningJob.id == job_id).values(phase=phase)
+                )
+                add_event(session, job_id, message, phase=phase.value, **data)
+
+        _durable(write, "recording a phase")
 
     def on_step(metrics: dict[str, float]) -> None:
         step, total = int(metrics["step"]), int(metrics["total_steps"])
-        with session_scope() as session:
-            session.execute(
-                update(FineTuningJob)
-                .where(FineTuningJob.id == job_id)
-                .values(step=step, total_steps=total, heartbeat_at=utcnow())
-            )
-            data: dict[str, Any] = {
-                k: round(float(v), 6) for k, v in metrics.items() if k != "step"
-            }
-            add_event(session, job_id, f"step {step}/{total}", step=step, **data)
+        step_seconds.append(metrics["tokens"] / max(metrics["tokens_per_s"], 1e-9))
+        mean = sum(step_seconds) / len(step_seconds)
+        # The end of training; the tuned model's evaluation comes after it.
+        finish = utcnow() + timedelta(seconds=mean * (total - step))
+        data: dict[str, Any] = {k: round(float(v), 6) for k, v in metrics.items() if k != "step"}
+
+        def write() -> None:
+            with session_scope() as session:
+                session.execute(
+                    update(FineTuningJob)
+                    .where(FineTuningJob.id == job_id)
+                    .values(
+                        step=step,
+                        total_steps=total,
+                        heartbeat_at=utcnow(),
+                        estimated_finish=finish,
+                        trained_tokens=int(metrics["trained_tokens"]),
+                    )
+                )
+                add_event(session, job_id, f"step {step}/{total}", step=step, **data)
+
+        _durable(write, "recording a step")
+
+    def on_checkpoint(
+        step: int, metrics: dict[str, float], archive: Path, deleted: list[int]
+    ) -> None:
+        relative = str(archive.relative_to(artifact_dir(job_id)))
+        kept = {k: round(float(v), 6) for k, v in metrics.items() if k != "step"}
+
+        def write() -> None:
+            with session_scope() as session:
+                # A step redone after a resume replaces its row; pruned steps lose theirs.
+                session.execute(
+                    delete(FineTuningCheckpoint).where(
+                        FineTuningCheckpoint.job_id == job_id,
+                        FineTuningCheckpoint.step_number.in_([step, *deleted]),
+                    )
+                )
+                session.add(
+                    FineTuningCheckpoint(
+                        id=new_id("ftckpt"),
+                        job_id=job_id,
+                        step_number=step,
+                        metrics=kept,
+                        archive=relative,
+                    )
+                )
+                add_event(session, job_id, f"checkpoint at step {step}", step=step, metrics=kept)
+
+        _durable(write, "recording a checkpoint")
 
     def on_generated(which: str, stage: str, done: int, total: int) -> None:
         if done == total:  # one event per prompt set, not per batch
-            with session_scope() as session:
-                add_event(session, job_id, f"{which} model: {stage} generated", done=done)
+
+            def write() -> None:
+                with session_scope() as session:
+                    add_event(session, job_id, f"{which} model: {stage} generated", done=done)
+
+            _durable(write, "recording evaluation progress")
 
     return RunHooks(
-        on_phase=on_phase, on_step=on_step, on_generated=on_generated, should_stop=cancelled
+        on_phase=on_phase,
+        on_step=on_step,
+        on_generated=on_generated,
+        on_checkpoint=on_checkpoint,
+        should_stop=cancelled,
     )
 
 
@@ -193,8 +328,10 @@ def _hooks(job_id: str) -> RunHooks:
 
 
 def reap_stale_jobs() -> int:
-    """Fail running jobs whose worker stopped heartbeating (killed, out of memory, host lost)."""
-    cutoff = utcnow() - timedelta(seconds=get_settings().stale_after_s)
+    """Queue again (to resume) running jobs whose worker stopped heartbeating (killed, out of
+    memory, host lost); fail them once they have used ``SARFT_MAX_ATTEMPTS`` runs."""
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     with session_scope() as session:
         stale = session.scalars(
             select(FineTuningJob)
@@ -202,8 +339,19 @@ def reap_stale_jobs() -> int:
             .with_for_update(skip_locked=True)
         ).all()
         for job in stale:
-            fail(session, job.id, _lost(job, f"worker {job.worker} stopped responding"))
+            _lost_worker(session, job, f"worker {job.worker} stopped responding", settings)
         return len(stale)
+
+
+def _lost_worker(session: Session, job: FineTuningJob, why: str, settings: Any) -> None:
+    if job.attempts >= settings.max_attempts:
+        fail(session, job.id, _lost(job, why), "worker_lost")
+        return
+    message = f"{_where(job, why)}; queued again to resume from its newest checkpoint"
+    job.status, job.phase = JobStatus.QUEUED, Phase.QUEUED
+    job.estimated_finish = None
+    add_event(session, job.id, message, level="warning", attempts=job.attempts)
+    enqueue(session, job.id)
 
 
 def requeue_lost_jobs() -> int:
@@ -227,8 +375,9 @@ def requeue_lost_jobs() -> int:
 
 
 def recover_embedded() -> int:
-    """At start-up of the embedded server: fail what the last process was running (it died
+    """At start-up of the embedded server: resume what the last process was running (it died
     with it), queue again what it had not started."""
+    settings = get_settings()
     count = 0
     with session_scope() as session:
         for job in session.scalars(
@@ -238,15 +387,16 @@ def recover_embedded() -> int:
         ):
             count += 1
             if job.status == JobStatus.RUNNING:
-                fail(session, job.id, _lost(job, "the server stopped"))
+                _lost_worker(session, job, "the server stopped", settings)
                 continue
             enqueue(session, job.id)
     return count
 
 
-def _lost(job: FineTuningJob, why: str) -> str:
+def _where(job: FineTuningJob, why: str) -> str:
     where = job.phase if job.phase != Phase.TRAINING else f"training at step {job.step}"
-    return (
-        f"{why} during {where} (of {job.total_steps or '?'} steps); training does not resume: "
-        "create a new job"
-    )
+    return f"{why} during {where} (of {job.total_steps or '?'} steps)"
+
+
+def _lost(job: FineTuningJob, why: str) -> str:
+    return f"{_where(job, why)}, after {job.attempts} attempts; create a new job"

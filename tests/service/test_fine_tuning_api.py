@@ -156,25 +156,46 @@ def test_bad_requests_are_422(
     assert needle in f"{err['message']} {err.get('param')}", err
 
 
-def test_reaper_fails_a_job_whose_worker_stopped(
+def test_reaper_requeues_a_job_whose_worker_stopped_then_fails_it_after_max_attempts(
     client: TestClient, scored: dict[str, Any]
 ) -> None:
+    from service.core.config import get_settings
     from service.core.db import session_scope, utcnow
     from service.fine_tuning.tasks import reap_stale_jobs
     from service.models import FineTuningJob, JobStatus
 
     job = create(client, scored).json()
-    with session_scope() as session:
-        row = session.get(FineTuningJob, job["id"])
-        assert row is not None
-        row.status, row.phase, row.step, row.total_steps = JobStatus.RUNNING, "training", 3, 10
-        row.worker = "host:123"
-        row.heartbeat_at = utcnow() - timedelta(hours=1)
+    url, h = f"{FT}/{job['id']}", scored["h"]
+
+    def lose_worker(attempts: int) -> None:
+        with session_scope() as session:
+            row = session.get(FineTuningJob, job["id"])
+            assert row is not None
+            row.status, row.phase, row.step, row.total_steps = JobStatus.RUNNING, "training", 3, 10
+            row.worker, row.attempts = "host:123", attempts
+            row.heartbeat_at = utcnow() - timedelta(hours=1)
+
+    lose_worker(attempts=1)
     assert reap_stale_jobs() >= 1
-    got = client.get(f"{FT}/{job['id']}", headers=scored["h"]).json()
+    got = client.get(url, headers=h).json()
+    assert got["status"] == "queued" and got["error"] is None
+    events = client.get(f"{url}/events", headers=h).json()["data"]
+    assert (
+        "host:123 stopped responding during training at step 3 (of 10 steps)"
+        in (events[0]["message"])
+    )
+    assert "resume from its newest checkpoint" in events[0]["message"]
+
+    lose_worker(attempts=get_settings().max_attempts)
+    assert reap_stale_jobs() >= 1
+    got = client.get(url, headers=h).json()
     assert got["status"] == "failed"
-    assert "host:123 stopped responding during training at step 3 (of 10 steps)" in got["error"]
-    assert "create a new job" in got["error"]
+    assert got["error"]["code"] == "worker_lost"
+    assert (
+        "host:123 stopped responding during training at step 3 (of 10 steps)"
+        in (got["error"]["message"])
+    )
+    assert "create a new job" in got["error"]["message"]
     assert reap_stale_jobs() == 0  # finished jobs are left alone
 
 
@@ -192,3 +213,102 @@ def test_safety_set_defaults() -> None:
         _ = Settings(default_eval_sets="nowhere").default_eval_set_names
     with pytest.raises(ValueError, match="name=path"):
         _ = Settings(eval_sets="just-a-path.csv").eval_set_paths
+
+
+def test_openai_job_fields(client: TestClient, scored: dict[str, Any]) -> None:
+    from service.core.db import session_scope
+    from service.models import FineTuningJob
+
+    meta = {"team": "story", "ticket": "RP-12"}
+    job = create(client, scored, seed=7, suffix="nemo-v1", metadata=meta).json()
+    assert job["seed"] == 7 and job["hyperparameters"]["seed"] == 7
+    assert job["suffix"] == "nemo-v1" and job["metadata"] == meta
+    assert job["trained_tokens"] == 0 and job["estimated_finish"] is None
+    assert job["fine_tuned_model"] is None and job["error"] is None
+    assert create(client, scored).json()["seed"] == 0  # the trainer's default
+
+    # While a worker checks the job's rows, the job reads as OpenAI's validating_files.
+    with session_scope() as session:
+        row = session.get(FineTuningJob, job["id"])
+        assert row is not None
+        row.status, row.phase = "running", "validating_files"
+    got = client.get(f"{FT}/{job['id']}", headers=scored["h"]).json()
+    assert got["status"] == "validating_files"
+
+    err = error(create(client, scored, seed=1, hyperparameters={"seed": 2}), 422)
+    assert err["param"] == "seed"
+    assert create(client, scored, seed=3, hyperparameters={"seed": 3}).status_code == 201
+    assert error(create(client, scored, suffix="no spaces"), 422)
+    too_many = {f"k{i}": "v" for i in range(17)}
+    assert error(create(client, scored, metadata=too_many), 422)
+
+
+def test_validation_dataset_must_be_another_scored_dataset_of_the_role(
+    client: TestClient, scored: dict[str, Any], tmp_path: Path
+) -> None:
+    h = scored["h"]
+    same = error(create(client, scored, validation_dataset_id=scored["dataset"]), 422)
+    assert same["param"] == "validation_dataset_id"
+
+    other_role = _dataset(client, h, rolebench_file(tmp_path / "other.jsonl", 3))
+    assert (
+        "another role"
+        in error(create(client, scored, validation_dataset_id=other_role), 422)["message"]
+    )
+
+    role_id = client.get(f"/v1/datasets/{scored['dataset']}", headers=h).json()["role_id"]
+    path = rolebench_file(tmp_path / "val.jsonl", 3)
+    with path.open("rb") as f:
+        r = client.post(
+            "/v1/datasets", files={"file": (path.name, f)}, data={"role_id": role_id}, headers=h
+        )
+    validation = r.json()["id"]
+    unscored = error(create(client, scored, validation_dataset_id=validation), 409)
+    assert "score it first" in unscored["message"]
+
+    scoring = _scoring_job(client, h, validation)
+    job = create(client, scored, validation_dataset_id=validation).json()
+    assert job["validation_dataset_id"] == validation
+    assert job["validation_scoring_job_id"] == scoring
+
+
+def test_checkpoints_are_listed_newest_first_and_downloaded(
+    client: TestClient, scored: dict[str, Any], make_key: Callable[..., Headers]
+) -> None:
+    from service.core.db import session_scope
+    from service.fine_tuning.storage import artifact_dir
+    from service.models import FineTuningCheckpoint
+
+    job = create(client, scored, suffix="nemo").json()
+    url, h = f"{FT}/{job['id']}/checkpoints", scored["h"]
+    assert client.get(url, headers=h).json() == {"object": "list", "data": [], "has_more": False}
+    with session_scope() as session:
+        for step in (10, 20):
+            archive = artifact_dir(job["id"]) / f"checkpoints/step-{step:06d}/adapter.tar.gz"
+            archive.parent.mkdir(parents=True)
+            archive.write_bytes(f"weights of step {step}".encode())
+            session.add(
+                FineTuningCheckpoint(
+                    id=f"ftckpt_{step:024d}", job_id=job["id"], step_number=step,
+                    metrics={"loss": 1.5, "ce": 1.0, "kl": 1.0, "valid_loss": 2.0, "tokens": 9},
+                    archive=str(archive.relative_to(artifact_dir(job["id"]))),
+                )
+            )  # fmt: skip
+    listed = client.get(url, headers=h).json()
+    assert [c["step_number"] for c in listed["data"]] == [20, 10]
+    newest = listed["data"][0]
+    assert newest["object"] == "fine_tuning.job.checkpoint"
+    assert newest["fine_tuning_job_id"] == job["id"]
+    assert newest["metrics"] == {
+        "step": 20.0, "train_loss": 1.5, "train_ce": 1.0, "train_kl": 1.0, "valid_loss": 2.0
+    }  # fmt: skip
+    assert newest["fine_tuned_model_checkpoint"].endswith(f":nemo:{job['id']}:ckpt-step-20")
+    page = client.get(url, params={"limit": 1, "after": newest["id"]}, headers=h).json()
+    assert [c["step_number"] for c in page["data"]] == [10] and not page["has_more"]
+
+    content = client.get(f"{url}/{newest['id']}/content", headers=h)
+    assert content.status_code == 200 and content.content == b"weights of step 20"
+    assert error(client.get(f"{url}/ftckpt_nope/content", headers=h), 404)
+    stranger = make_key()
+    assert error(client.get(url, headers=stranger), 404)
+    assert error(client.get(f"{url}/{newest['id']}/content", headers=stranger), 404)
