@@ -9,7 +9,6 @@ the ``rouge-score`` package, as the SaRFT code computes it) against held-out ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, NamedTuple
@@ -18,6 +17,7 @@ import torch
 
 # The held-out split lives with the other evaluation data; it is part of this API too.
 from trainer.eval_sets import PromptSet, question_and_reference, split_validation
+from trainer.intervals import wilson_interval
 from trainer.refusal import Judge
 from worker.encoding import template_supports_system
 from worker.prompts import Condition, RolePrompts
@@ -57,17 +57,6 @@ class SafetyResult:
     """The first few (prompt, response, refused) triples, in prompt-set order."""
     ci95: tuple[float, float] = (0.0, 1.0)
     """Wilson 95% interval of ``refusal_rate`` (its n prompts are a sample of harmful requests)."""
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion: sound at 0 and at n successes too,
-    where the normal approximation collapses to a point."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True, slots=True)

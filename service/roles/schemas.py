@@ -72,3 +72,48 @@ class Deleted(BaseModel):
     id: str
     object: str
     deleted: bool = True
+
+
+class Histogram(BaseModel):
+    edges: list[float] = Field(description="bins + 1 edges; each bin holds edge <= x < next.")
+    counts: list[int] = Field(description="Samples per bin; the last bin also holds its max.")
+
+
+class DifferenceStats(BaseModel):
+    """The distribution of ``s_unsafe - s_role`` (each sample's ``delta``) over a job."""
+
+    min: float
+    max: float
+    mean: float
+    median: float
+    histogram: Histogram
+
+
+class FlaggedSample(BaseModel):
+    index: int = Field(description="0-based position among the dataset's samples.")
+    line: int = Field(description="1-based line (JSONL) or item (JSON array) of the upload.")
+    difference: float = Field(description="s_unsafe - s_role")
+    text: str = Field(description="The scored response, cut short (ending in …) when long.")
+
+
+class RoleRisk(BaseModel):
+    """A role's latest succeeded scoring result; the stats are null without one."""
+
+    object: Literal["role.risk"] = "role.risk"
+    role_id: str
+    role_name: str
+    scoring_job_id: str | None = None
+    dataset_id: str | None = None
+    model: str | None = None
+    finished_at: int | None = None
+    num_samples: int | None = None
+    num_flagged: int | None = None
+    flagged_fraction: float | None = None
+    flagged_interval: tuple[float, float] | None = Field(
+        default=None, description="Wilson 95% interval of flagged_fraction."
+    )
+    margin: float | None = None
+    difference: DifferenceStats | None = None
+    top_flagged: list[FlaggedSample] = Field(
+        default_factory=list, description="The flagged samples with the largest difference."
+    )
