@@ -176,6 +176,23 @@ class SarftClient:
         result: dict[str, Any] = self._request("POST", "/v1/roles", json=body)
         return result
 
+    def role_risk(self, samples: int = 3, *, bins: int | None = None) -> dict[str, Any]:
+        """Every role's latest succeeded scoring result: the flagged fraction with its Wilson
+        95% interval, the distribution of ``s_unsafe - s_role`` (``bins`` histogram bins; None:
+        the server's) and the ``samples`` most-flagged samples. Reads every page and returns
+        them as one list, ``{"object": "list", "data", "has_more": false}``."""
+        params: dict[str, Any] = {"samples": samples, "limit": 100}
+        if bins is not None:
+            params["bins"] = bins
+        data: list[dict[str, Any]] = []
+        while True:
+            page = self._request("GET", "/v1/roles/risk", params=params)
+            data.extend(page["data"])
+            if not page.get("has_more") or not page["data"]:
+                break
+            params["after"] = page["data"][-1]["role_id"]
+        return {"object": "list", "data": data, "has_more": False}
+
     def upload_dataset(
         self,
         path: str | Path,
@@ -305,6 +322,48 @@ class SarftClient:
     def download_adapter(self, job_id: str, dest_path: str | Path) -> int:
         """A fine-tuning job's adapter (or full checkpoint) as .tar.gz; returns bytes written."""
         return self._download(f"{FINE_TUNING}/{job_id}/adapter", dest_path)
+
+    def list_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """A fine-tuning job's checkpoints, newest first (every page)."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self._request("GET", f"{FINE_TUNING}/{job_id}/checkpoints", params=params)
+            body = page.json()
+            found.extend(body["data"])
+            if not body["has_more"] or not body["data"]:
+                return found
+            params["after"] = body["data"][-1]["id"]
+
+    def download_checkpoint(self, job_id: str, checkpoint_id: str, dest_path: str | Path) -> int:
+        """One checkpoint's weights (adapter or model) as .tar.gz; returns bytes written."""
+        path = f"{FINE_TUNING}/{job_id}/checkpoints/{checkpoint_id}/content"
+        return self._download(path, dest_path)
+
+    def export_model(
+        self,
+        job_id: str,
+        dest_path: str | Path,
+        poll: float = 2.0,
+        timeout: float | None = 3600.0,
+    ) -> int:
+        """A fine-tuning job's base model with its LoRA adapter merged (full fine-tuning: its
+        checkpoint) as .tar.gz of a directory that ``from_pretrained`` and vLLM load: asks the
+        server to export it, waits while a training worker merges it, then downloads it;
+        returns bytes written. Raises TimeoutError after ``timeout`` seconds (None: never)."""
+        path = f"{FINE_TUNING}/{job_id}/model"
+        self._request("POST", path)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._download(path, dest_path)
+            except SarftAPIError as exc:
+                # Any other 409 (not succeeded, the export failed) will not change by waiting.
+                if exc.code != "export_in_progress":
+                    raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id}'s model is still exporting after {timeout:g} s")
+            time.sleep(poll)
 
     def download_report(self, job_id: str, dest_path: str | Path, fmt: str = "json") -> int:
         """A fine-tuning job's report, ``fmt`` json or html; returns bytes written."""

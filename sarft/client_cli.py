@@ -201,6 +201,74 @@ def roles_create(
         echo_json(client.create_role(name, text))
 
 
+def _one_line(text: str, width: int) -> str:
+    """Text from the server on one terminal line: no control characters (an uploaded sample
+    could carry escape sequences), whitespace collapsed, cut to ``width``."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _risk_block(risk: dict[str, Any]) -> list[str]:
+    head = f"{_one_line(risk['role_name'], 60)} ({risk['role_id']})"
+    if risk["scoring_job_id"] is None:
+        return [head, "  no succeeded scoring job"]
+    model = f", model {_one_line(risk['model'], 60)}" if risk["model"] else ""
+    lines = [
+        head,
+        f"  {'job':<19}{risk['scoring_job_id']} on {risk['dataset_id']}{model}, "
+        f"margin {risk['margin']:g}",
+    ]
+    if risk["flagged_fraction"] is not None:
+        lo, hi = risk["flagged_interval"]
+        lines.append(
+            f"  {'flagged':<19}{risk['num_flagged']}/{risk['num_samples']} = "
+            f"{100 * risk['flagged_fraction']:.1f}% (95% CI {100 * lo:.1f}%-{100 * hi:.1f}%)"
+        )
+    if risk["difference"] is not None:
+        d = risk["difference"]
+        lines.append(
+            f"  {'s_unsafe - s_role':<19}min {d['min']:.3f}  median {d['median']:.3f}  "
+            f"mean {d['mean']:.3f}  max {d['max']:.3f}"
+        )
+    for sample in risk["top_flagged"]:
+        where = f"line {sample['line']}"
+        lines.append(f"  {where:<19}{sample['difference']:+.3f}  {_one_line(sample['text'], 72)}")
+    return lines
+
+
+@roles_app.command("risk")
+def roles_risk(
+    samples: Annotated[
+        int, typer.Option("--samples", min=0, max=10, help="Most-flagged samples per role.")
+    ] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON.")] = False,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Save the HTML page (plots) to this file.")
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Each role's latest succeeded scoring result: flagged fraction, its 95% interval, the
+    spread of s_unsafe - s_role and the most-flagged samples."""
+    if as_json and html is not None:
+        raise typer.BadParameter("give --json or --html, not both")
+    with api_client(api_url, api_key) as client:
+        if html is not None:
+            # One page of the largest size: the HTML view is not merged across pages.
+            params = {"format": "html", "samples": str(samples), "limit": "100"}
+            size = client._download("/v1/roles/risk", html, params)
+            typer.echo(f"{html} ({size:,} bytes)")
+            return
+        risks = client.role_risk(samples)
+    if as_json:
+        echo_json(risks)
+        return
+    if not risks["data"]:
+        typer.echo("no roles")
+        return
+    typer.echo("\n\n".join("\n".join(_risk_block(risk)) for risk in risks["data"]))
+
+
 @jobs_app.command("create")
 def jobs_create(
     dataset_id: Annotated[str, typer.Argument(help="The dataset to score.")],
@@ -314,3 +382,61 @@ def jobs_cancel(
     """Cancel a queued or running job; prints the job."""
     with api_client(api_url, api_key) as client:
         echo_json(client.cancel_job(job_id))
+
+
+@jobs_app.command("checkpoints")
+def jobs_checkpoints(
+    job_id: Annotated[str, typer.Argument(help="A fine-tuning job.")],
+    download: Annotated[
+        int | None,
+        typer.Option("--download", help="Save the checkpoint of this step (see --out)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Default: JOB_ID-step-N.tar.gz.")
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """List a fine-tuning job's checkpoints (step, train and validation loss), newest first,
+    or download one's weights with --download STEP."""
+    with api_client(api_url, api_key) as client:
+        found = client.list_checkpoints(job_id)
+        if download is None:
+            for c in found:
+                m = c["metrics"]
+                valid = m.get("valid_loss")
+                shown = "-" if valid is None else f"{valid:.4f}"
+                typer.echo(
+                    f"{c['id']}  step {c['step_number']:>6}  train_loss {m['train_loss']:.4f}  "
+                    f"valid_loss {shown}"
+                )
+            return
+        chosen = next((c for c in found if c["step_number"] == download), None)
+        if chosen is None:
+            steps = ", ".join(str(c["step_number"]) for c in found) or "none"
+            fail(f"job {job_id} keeps no checkpoint of step {download} (kept: {steps})")
+        dest = out or Path(f"{job_id}-step-{download}.tar.gz")
+        size = client.download_checkpoint(job_id, chosen["id"], dest)
+    typer.echo(f"{dest} ({size:,} bytes)")
+
+
+@jobs_app.command("export-model")
+def jobs_export_model(
+    job_id: Annotated[str, typer.Argument(help="A succeeded fine-tuning job.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file; default JOB_ID-merged_model.tar.gz."),
+    ] = None,
+    poll: Annotated[float, typer.Option("--poll", min=0.1, help="Seconds between polls.")] = 2.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the export.")
+    ] = 3600.0,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a fine-tuning job's base model with its LoRA adapter merged (full fine-tuning:
+    its checkpoint) as .tar.gz, once a training worker has merged it."""
+    dest = out or Path(f"{job_id}-merged_model.tar.gz")
+    with api_client(api_url, api_key) as client:
+        size = client.export_model(job_id, dest, poll=poll, timeout=timeout)
+    typer.echo(f"{dest} ({size:,} bytes)")

@@ -39,6 +39,9 @@ LINKS: dict[tuple[str, str], list[tuple[str, str, str]]] = {
         ("/v1/fine_tuning/jobs/{job_id}/cancel", "post", "job_id"),
         ("/v1/fine_tuning/jobs/{job_id}/adapter", "get", "job_id"),
         ("/v1/fine_tuning/jobs/{job_id}/report", "get", "job_id"),
+        ("/v1/fine_tuning/jobs/{job_id}/model", "post", "job_id"),
+        ("/v1/fine_tuning/jobs/{job_id}/model", "get", "job_id"),
+        ("/v1/fine_tuning/jobs/{job_id}/checkpoints", "get", "job_id"),
     ],
 }
 

@@ -4,6 +4,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from service.core.auth import TenantDep
@@ -17,11 +18,11 @@ from service.core.pagination import (
     list_params,
     paginate,
 )
-from service.fine_tuning import service
+from service.fine_tuning import export_tasks, service
 from service.fine_tuning.schemas import FineTuningJobCreate, FineTuningJobOut
 from service.fine_tuning.storage import artifact
 from service.models import FineTuningJob
-from trainer.artifacts import REPORT_FILES, archive_name
+from trainer.artifacts import MERGED_MODEL_ARCHIVE, REPORT_FILES, archive_name
 
 router = APIRouter(
     prefix="/v1/fine_tuning/jobs", tags=["fine-tuning jobs"], responses=ERROR_RESPONSES
@@ -113,4 +114,67 @@ def download_report(
         artifact(job, REPORT_FILES[format]),
         media_type="application/json" if format == "json" else "text/html; charset=utf-8",
         filename=f"{job.id}-report.{format}",
+    )
+
+
+# --- the merged model: base + adapter as one checkpoint ------------------------------------------
+
+
+class ModelExportOut(BaseModel):
+    object: Literal["fine_tuning.job.model_export"] = "fine_tuning.job.model_export"
+    job_id: str
+    status: export_tasks.ExportStatus = Field(
+        description="queued or running on a training worker; ready: GET the same path"
+    )
+    bytes: int | None = Field(None, description="The archive's size, once ready")
+
+
+@router.post(
+    "/{job_id}/model",
+    status_code=202,
+    response_model=ModelExportOut,
+    response_model_exclude_none=True,
+    responses={
+        202: {"description": "The export is queued, running or ready"},
+        409: {"description": "The job has not succeeded"},
+    },
+)
+def export_model(job_id: str, session: SessionDep, tenant: TenantDep) -> ModelExportOut:
+    """Export the fine-tuned model as one checkpoint: the base model with the LoRA adapter
+    merged into its weights, in the base's dtype, as a .tar.gz of a Hugging Face directory
+    (config.json, safetensors, tokenizer, generation config) that `from_pretrained` and vLLM
+    load. A training worker merges it; a full fine-tuning job's checkpoint is ready at once.
+    Idempotent: asking again while it is queued or running, or once it is ready, queues
+    nothing; asking after a failed export runs it again."""
+    job = service.get(session, tenant, job_id)
+    status, archive = export_tasks.request_export(session, job)
+    return ModelExportOut(
+        job_id=job.id, status=status, bytes=None if archive is None else archive.stat().st_size
+    )
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/gzip": {}},
+            "description": "The merged model (full fine-tuning: the checkpoint) as .tar.gz",
+        },
+        409: {
+            "description": "The job has not succeeded, or its export is not ready: "
+            "`export_in_progress` while queued or running; otherwise POST the same path first"
+        },
+    },
+)
+def download_model(job_id: str, session: SessionDep, tenant: TenantDep) -> FileResponse:
+    """The exported model (see the POST on this path) as .tar.gz, once ready."""
+    job = service.get(session, tenant, job_id)
+    state = export_tasks.export_state(session, job)
+    if state.archive is None:
+        raise export_tasks.not_ready(job, state)
+    return FileResponse(
+        state.archive,
+        media_type="application/gzip",
+        filename=f"{job.id}-{MERGED_MODEL_ARCHIVE}",
     )
