@@ -92,6 +92,7 @@ def test_fuzzed_api_has_no_failures(
     finally:
         server.stop()
         _drop_queue(env)
+        _cancel_live_jobs(env)
 
 
 def _drop_queue(env: dict[str, str]) -> None:
@@ -100,3 +101,18 @@ def _drop_queue(env: dict[str, str]) -> None:
     redis = Redis.from_url(env["SARFT_REDIS_URL"])
     for name in redis.scan_iter(f"*{env['SARFT_QUEUE_PREFIX']}*"):
         redis.delete(name)
+
+
+def _cancel_live_jobs(env: dict[str, str]) -> None:
+    """Cancel the jobs the fuzzer left queued or running. Dropping their queue is not enough:
+    the sweeper of any later test's worker would find the rows queued and enqueue them again
+    (as it must after a Redis loss), and train on the fuzzer's hyperparameters for hours.
+    Tests run one at a time, so every live job of the session's database is the fuzzer's."""
+    import psycopg
+
+    url = env["SARFT_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    live = "status IN ('queued', 'running')"
+    with psycopg.connect(url, autocommit=True) as db:
+        for table in ("fine_tuning_jobs", "scoring_jobs"):
+            db.execute(f"UPDATE {table} SET status = 'cancelled', finished_at = now() WHERE {live}")
+        db.execute(f"UPDATE scoring_shards SET status = 'cancelled' WHERE {live}")
