@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.core.config import get_settings
+from service.core.deps import single_valued_query
 from service.core.errors import install_error_handlers
 from service.core.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.datasets.endpoints import router as datasets_router
@@ -33,7 +34,12 @@ Errors are `{"error": {"code", "message", "param"}}`.
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="sarft", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(
+        title="sarft",
+        version="0.1.0",
+        description=DESCRIPTION,
+        dependencies=[Depends(single_valued_query)],
+    )
     install_error_handlers(app)
     for router in (
         health_router,

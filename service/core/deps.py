@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from service.core.db import get_read_sessionmaker, session_scope
+from service.core.errors import Unprocessable
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
 
@@ -31,3 +32,15 @@ def get_session(request: Request) -> Iterator[Session]:
 # returns, before the response is sent, so a 2xx always names committed rows and a failing
 # commit becomes an error response. FastAPI's default ("request") would commit after sending.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def single_valued_query(request: Request) -> None:
+    """Refuse a query parameter given twice: every one of the API's takes one value, and
+    FastAPI would silently keep the last (``?limit=5&limit=x`` read as ``limit=x``)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    if len(names) != len(set(names)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise Unprocessable(
+            f"query parameter {repeated[0]!r} is given more than once; give it once",
+            param=repeated[0],
+        )

@@ -284,3 +284,13 @@ def test_not_blank_means_what_strip_means() -> None:
         with pytest.raises(ValidationError):
             RoleCreate(name="n", profile=blank)
     assert RoleCreate(name="n", profile="\ufeff").profile == "\ufeff"
+
+
+def test_a_query_parameter_given_twice_is_refused(
+    client: TestClient, make_key: Callable[..., dict[str, str]]
+) -> None:
+    h = make_key()
+    r = client.get("/v1/roles?limit=5&limit=7", headers=h)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "limit"
+    assert client.get("/v1/roles?limit=5", headers=h).status_code == 200
