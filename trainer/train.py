@@ -20,6 +20,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from trainer.data import (
     step_batches,
 )
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
+from trainer.ranks import Ranks
 from worker.formats import Sample
 from worker.prompts import RolePrompts
 
@@ -205,27 +207,41 @@ def _optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
     can_slice: bool,
+    ranks: Ranks | None = None,
 ) -> StepMetrics:
+    """One optimizer step; across several processes each takes every ``world``-th
+    micro-batch of the step and DDP sums their gradients in one all-reduce."""
+    ranks = ranks or Ranks()
     started = time.perf_counter()
     device = next(policy.parameters()).device
     lr = float(scheduler.get_last_lr()[0])
     # Losses are normalised by the whole step's counts, so the micro-batches add up to the
-    # effective batch's mean whatever micro_batch_size is.
+    # effective batch's mean whatever micro_batch_size is (and whichever process runs them).
     step_tokens = sum(e.num_response_tokens for e in examples)
-    totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
     # KL rows first, so micro-batches are (nearly) all KL or all not: a micro-batch without a
     # KL row needs neither the reference forward nor logits over the prompt. The step's
     # gradient is a sum over its micro-batches, so their make-up does not change it.
     examples = sorted(examples, key=lambda e: not e.kl_flag)
-    for i in range(0, len(examples), config.micro_batch_size):
-        batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
-        parts = _micro_batch_loss(
-            policy, reference, batch, config, can_slice, step_tokens, len(examples)
-        )
-        parts.total.backward()
-        totals["loss"] += parts.total.item()
-        totals["ce"] += parts.ce.item()
-        totals["kl"] += parts.kl.item()
+    size = config.micro_batch_size
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    mine: list[Sequence[TrainExample] | None] = list(chunks[ranks.rank :: ranks.world])
+    if not mine:
+        mine = [None]  # fewer micro-batches than processes: this one still joins the sync
+    # DDP averages the processes' gradients; the loss parts are sums, so scale back up.
+    scale = float(ranks.world)
+    totals = [0.0, 0.0, 0.0]
+    for j, chunk in enumerate(mine):
+        batch = collate(chunk or examples[:1], pad_id).to(device)
+        with ranks.no_sync(policy, sync=j == len(mine) - 1):
+            parts = _micro_batch_loss(
+                policy, reference, batch, config, can_slice, step_tokens, len(examples)
+            )
+            weight = scale if chunk is not None else 0.0
+            (parts.total * weight).backward()
+        if chunk is not None:
+            values = (parts.total, parts.ce, parts.kl)
+            totals = [t + v.item() for t, v in zip(totals, values, strict=True)]
+    loss, ce, kl = ranks.sum(totals)
     params = [p for p in policy.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
@@ -234,7 +250,9 @@ def _optimizer_step(
     tokens = sum(len(e.input_ids) for e in examples)
     elapsed = max(time.perf_counter() - started, 1e-9)
     return {
-        **totals,
+        "loss": loss,
+        "ce": ce,
+        "kl": kl,
         "tokens": float(tokens),
         "lr": lr,
         "grad_norm": float(grad_norm),
@@ -318,8 +336,12 @@ class _Loop:
     on_step: Callable[[StepMetrics], None] | None = None
     on_checkpoint: OnCheckpoint | None = None
     should_stop: Callable[[], bool] | None = None
+    ranks: Ranks = field(default_factory=Ranks)
 
     def __post_init__(self) -> None:
+        # Training forwards go through DDP when there are several processes; the reference,
+        # validation and saving use the plain policy (the same parameters).
+        self.trained = self.ranks.wrap(self.policy)
         self.pad_id = pad_token_id(self.tokenizer)
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
         self.can_slice = _supports_logits_to_keep(self.policy)
@@ -347,17 +369,20 @@ class _Loop:
         batches = step_batches(
             self.examples, self.config.batch_size, self.total_steps, self.config.seed
         )
-        self.policy.train()
-        with metrics_path.open("w", encoding="utf-8") as metrics_file:
+        self.trained.train()
+        # Every process runs every step; the main one alone writes and reports.
+        main = self.ranks.is_main
+        with open(metrics_path if main else os.devnull, "w", encoding="utf-8") as metrics_file:
             for record in self.history:  # the steps before a resume
                 metrics_file.write(json.dumps(record) + "\n")
             for step, step_examples in enumerate(
                 itertools.islice(batches, self.step, None), self.step + 1
             ):
-                if self.should_stop is not None and self.should_stop():
+                stop = main and self.should_stop is not None and self.should_stop()
+                if self.ranks.agree(stop):
                     return True
                 metrics = _optimizer_step(
-                    self.policy,
+                    self.trained,
                     self.reference,
                     step_examples,
                     self.pad_id,
@@ -365,6 +390,7 @@ class _Loop:
                     self.optimizer,
                     self.scheduler,
                     self.can_slice,
+                    self.ranks,
                 )
                 record = {"step": step, "total_steps": self.total_steps}
                 record.update(epoch=step / steps_per_epoch, **metrics)
@@ -379,7 +405,7 @@ class _Loop:
                 metrics_file.flush()
                 if due:
                     self._checkpoint(record)
-                if self.on_step is not None:
+                if main and self.on_step is not None:
                     self.on_step(record)
         return False
 
@@ -389,6 +415,9 @@ class _Loop:
         )
 
     def _checkpoint(self, record: StepMetrics) -> None:
+        if not self.ranks.is_main:  # the processes hold the same weights and state
+            self.ranks.barrier()
+            return
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -409,6 +438,7 @@ class _Loop:
         deleted = checkpoints.prune(self.out_dir, self.checkpoint_policy.keep, self.total_steps)
         if self.on_checkpoint is not None:
             self.on_checkpoint(saved, deleted)
+        self.ranks.barrier()  # the others may read it at a resume
 
 
 def fine_tune(
@@ -428,6 +458,7 @@ def fine_tune(
     on_step: Callable[[StepMetrics], None] | None = None,
     on_checkpoint: OnCheckpoint | None = None,
     should_stop: Callable[[], bool] | None = None,
+    accelerator: Any | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``samples`` (encoded as ``config.train_system_prompt``
     says).
@@ -446,6 +477,13 @@ def fine_tune(
     checkpoint in ``out_dir`` if there is one, and ends as the uninterrupted run would.
     ``on_step`` receives each step's metrics, ``on_checkpoint`` each checkpoint; ``should_stop``
     is asked before each step and ends the run without saving when it returns True.
+
+    With an ``accelerate.Accelerator`` of several processes (``accelerate launch``), each
+    process runs this with the same arguments: every step's micro-batches are shared out
+    among them and DDP sums the gradients, so the run takes the steps one process would (the
+    same batches, losses and updates, up to the order of float sums; dropout masks differ).
+    Only the main process writes files and calls the callbacks; its ``should_stop`` decides
+    for all.
     """
     if not samples:
         raise ValueError("no training samples")
@@ -467,6 +505,9 @@ def fine_tune(
         validation, select_kl_subset(validation_flags, config.method, config.random_seed)
     )
     name = base_model_name or getattr(model, "name_or_path", None) or None
+    ranks = Ranks(accelerator)
+    if accelerator is not None:
+        model.to(accelerator.device)  # before the frozen reference of full fine-tuning is copied
     policy, reference = _prepare(model, config, name)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
@@ -484,20 +525,22 @@ def fine_tune(
         on_step=on_step,
         on_checkpoint=on_checkpoint,
         should_stop=should_stop,
+        ranks=ranks,
     )
     resumed_from = None
     if resume and (last := checkpoints.latest_resumable(out_dir)) is not None:
         loop.resume(last)
         resumed_from = last.step
-        if on_checkpoint is not None:
+        if on_checkpoint is not None and ranks.is_main:
             # The host may not have recorded it: the last process could die right after it.
             on_checkpoint(last, [])
     metrics_path = out_dir / "metrics.jsonl"
     stopped = loop.run(metrics_path)
     policy.eval()
     adapter_dir = model_dir = None
-    if not stopped:
+    if not stopped and ranks.is_main:
         adapter_dir, model_dir = _save(policy, tokenizer, config, out_dir)
+    ranks.barrier()
     history = loop.history
     return TrainResult(
         model=policy,
