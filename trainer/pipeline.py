@@ -55,23 +55,32 @@ def run_fine_tuning(
     hooks: RunHooks | None = None,
     checkpoint_settings: CheckpointSettings | None = None,
     resume: bool = False,
-) -> dict[str, Any]:
+    accelerator: Any | None = None,
+) -> dict[str, Any] | None:
     """Run every step into ``out_dir``; return the run's summary.
 
     A new run empties ``out_dir`` first. With ``resume`` (the host's earlier attempt died) the
     run keeps what that attempt left: its base evaluation and its newest checkpoint, from which
     training continues (see :func:`trainer.train.fine_tune`).
+
+    With an ``accelerate.Accelerator`` of several processes, every process calls this: they
+    train together (data parallel); the main one alone evaluates, reports and publishes, and
+    the others return None once training ends. The host's hooks matter on the main one only.
     """
+    main = accelerator is None or accelerator.is_main_process
     hooks = hooks or RunHooks()
     train_samples, train_flags, validation, validation_flags = _split(inputs)
-    if out_dir.exists() and not resume:
+    if main and out_dir.exists() and not resume:
         shutil.rmtree(out_dir)  # an earlier attempt's partial files
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # no process reads the directory while it is emptied
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    loaded = load_model(inputs.model)
+    device = None if accelerator is None else str(accelerator.device)
+    loaded = load_model(inputs.model, device=device)
     evaluator = None
     evaluation: EvaluationSection | None = None
-    if inputs.evaluation is not None:
+    if inputs.evaluation is not None and main:
         evaluator = _Evaluator(inputs, inputs.evaluation, resources or EvalResources(), validation)
         saved_base = out_dir / BASE_EVALUATION
         if resume and saved_base.is_file():
@@ -116,9 +125,12 @@ def run_fine_tuning(
         on_step=hooks.on_step,
         on_checkpoint=on_checkpoint,
         should_stop=hooks.should_stop,
+        accelerator=accelerator,
     )
     if trained.stopped:
         raise RunCancelled
+    if not main:
+        return None
     if evaluator is not None and evaluation is not None:
         _enter(hooks, Phase.EVALUATING_TUNED, "evaluating the fine-tuned model")
         evaluation["tuned"] = evaluator.run(trained.model, loaded.tokenizer, "tuned", hooks)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+SHARDED = {"DistributedType.FSDP", "DistributedType.DEEPSPEED"}
+
 
 @dataclass
 class Ranks:
@@ -41,6 +43,14 @@ class Ranks:
         """The module the training forwards go through (DDP across several processes)."""
         if self.world == 1:
             return policy
+        kind = str(self._acc.distributed_type)
+        if kind in SHARDED:
+            # They shard the parameters and own the optimizer, which this loop builds itself
+            # on the whole parameters: a silent mismatch, so refuse it.
+            raise ValueError(
+                f"accelerate's {kind} is not supported by sarft's training loop yet; use "
+                "data parallel (DDP: no fsdp_config or deepspeed_config in the accelerate file)"
+            )
         return self._acc.prepare_model(policy)
 
     def no_sync(self, model: Any, sync: bool) -> AbstractContextManager[Any]:

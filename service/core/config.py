@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     the final step always gets one. 0: only the final step."""
     checkpoint_keep: int = Field(default=3, ge=1)
     """Checkpoints kept per fine-tuning job (the final one always is); older ones are deleted."""
+    training_processes: int = Field(default=1, ge=1)
+    """Data-parallel processes a training worker runs each fine-tuning job in (one per GPU):
+    started with torchrun, or with ``accelerate launch`` when ``accelerate_config`` is set."""
+    accelerate_config: Path | None = None
+    """An ``accelerate config`` file for the training processes (FSDP, DeepSpeed, mixed
+    precision); its process count is ``training_processes``."""
     eval_sets: str = ""
     """Harmful-prompt sets fine-tuning jobs may evaluate on, ``name=path`` comma-separated,
     e.g. ``advbench=/data/eval/harmful_behaviors.csv``: AdvBench or BeaverTails CSV, or JSONL

@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -71,10 +73,9 @@ def enqueue(session: Session, job_id: str) -> None:
 
 
 def run_fine_tuning_job(job_id: str) -> None:
-    """The entry point the queues call."""
-    # Imported here: the API imports this module to enqueue, and must not load torch.
-    from trainer.pipeline import run_fine_tuning
-
+    """The entry point the queues call: claim the job, then run it here, or in
+    ``SARFT_TRAINING_PROCESSES`` data-parallel processes (:mod:`service.fine_tuning.launch`)
+    while this one keeps the heartbeat."""
     settings = get_settings()
     with session_scope() as session:
         attempt = _claim(session, job_id)
@@ -87,26 +88,41 @@ def run_fine_tuning_job(job_id: str) -> None:
             update(FineTuningJob).where(FineTuningJob.id == job_id).values(heartbeat_at=utcnow())
         ),
     )
+    with beat:
+        if settings.training_processes > 1:
+            _run_processes(job_id, attempt, settings)
+            return
+        try:
+            run_attempt(job_id, attempt)
+        except RunCancelled:
+            return  # recorded by the user's cancel; the files are gone
+
+
+def run_attempt(job_id: str, attempt: int, accelerator: Any | None = None) -> None:
+    """Run a claimed job (on the main process of a data-parallel run: with its accelerator)
+    and record how it ended."""
+    # Imported here: the API imports this module to enqueue, and must not load torch.
+    from trainer.pipeline import run_fine_tuning
+
+    settings = get_settings()
     resources = EvalResources(settings.eval_set_paths, settings.judge_api_key)
     out_dir = artifact_dir(job_id)
     try:
-        with beat:
-            inputs = _durable(lambda: _load_inputs(job_id), "reading the job's inputs")
-            result = run_fine_tuning(
-                inputs,
-                out_dir,
-                resources=resources,
-                hooks=_hooks(job_id),
-                checkpoint_settings=CheckpointSettings(
-                    every=settings.checkpoint_every or None, keep=settings.checkpoint_keep
-                ),
-                # A later attempt continues from what the lost one left in its directory.
-                resume=attempt > 1,
-            )
+        inputs = _durable(lambda: load_inputs(job_id), "reading the job's inputs")
+        result = run_fine_tuning(
+            inputs,
+            out_dir,
+            resources=resources,
+            hooks=_hooks(job_id),
+            checkpoint_settings=checkpoint_settings(),
+            # A later attempt continues from what the lost one left in its directory.
+            resume=attempt > 1,
+            accelerator=accelerator,
+        )
     except RunCancelled:
         log.info("fine-tuning job %s cancelled", job_id)
         shutil.rmtree(out_dir, ignore_errors=True)  # partial files serve nobody
-        return
+        raise
     except Exception as exc:
         log.exception("fine-tuning job %s failed", job_id)
         code = "invalid_inputs" if isinstance(exc, InvalidInputs) else "training_error"
@@ -116,7 +132,44 @@ def run_fine_tuning_job(job_id: str) -> None:
         raise
     finally:
         gc.collect()
+    assert result is not None  # the main process's summary
     _durable(lambda: _publish(job_id, result), "recording the result")
+
+
+def checkpoint_settings() -> CheckpointSettings:
+    settings = get_settings()
+    return CheckpointSettings(
+        every=settings.checkpoint_every or None, keep=settings.checkpoint_keep
+    )
+
+
+def _run_processes(job_id: str, attempt: int, settings: Any) -> None:
+    """Start the job's data-parallel processes and wait for them; fail the job if they end
+    without recording an outcome (a crash of a process, a kill by the launcher)."""
+    module = ["-m", "service.fine_tuning.launch", job_id, str(attempt)]
+    n = str(settings.training_processes)
+    if settings.accelerate_config is not None:
+        # accelerate's own config: DDP, FSDP or DeepSpeed ZeRO, mixed precision, machines.
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(settings.accelerate_config), "--num_processes", n, *module]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", n, *module]  # fmt: skip
+    log.info("fine-tuning job %s: %s", job_id, " ".join(command))
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        log.error("fine-tuning job %s processes exited %s:\n%s", job_id, done.returncode,
+                  done.stdout[-20000:])  # fmt: skip
+    with session_scope() as session:
+        status = session.scalar(select(FineTuningJob.status).where(FineTuningJob.id == job_id))
+        if status == JobStatus.RUNNING:
+            tail = done.stdout.strip().splitlines()[-1:] or ["no output"]
+            fail(
+                session,
+                job_id,
+                f"the {n} training processes exited with code {done.returncode}: {tail[0]}",
+                "training_error",
+            )
 
 
 class InvalidInputs(RuntimeError):
@@ -179,7 +232,7 @@ def fail(session: Session, job_id: str, error: str, code: str) -> None:
     job_state.fail(session, FineTuningJob, job_id, error, code, phase=phase)
 
 
-def _load_inputs(job_id: str) -> RunInputs:
+def load_inputs(job_id: str) -> RunInputs:
     """The job's rows as the pipeline's plain data, read in one transaction."""
     with session_scope() as session:
         job = session.get(FineTuningJob, job_id)
