@@ -56,7 +56,7 @@ def run_fine_tuning(
     checkpoint_settings: CheckpointSettings | None = None,
     resume: bool = False,
     accelerator: Any | None = None,
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Run every step into ``out_dir``; return the run's summary.
 
     A new run empties ``out_dir`` first. With ``resume`` (the host's earlier attempt died) the
@@ -65,7 +65,7 @@ def run_fine_tuning(
 
     With an ``accelerate.Accelerator`` of several processes, every process calls this: they
     train together (data parallel); the main one alone evaluates, reports and publishes, and
-    the others return None once training ends. The host's hooks matter on the main one only.
+    the others return an empty summary once training ends. Only the main one's hooks matter.
     """
     main = accelerator is None or accelerator.is_main_process
     hooks = hooks or RunHooks()
@@ -130,7 +130,7 @@ def run_fine_tuning(
     if trained.stopped:
         raise RunCancelled
     if not main:
-        return None
+        return {}
     if evaluator is not None and evaluation is not None:
         _enter(hooks, Phase.EVALUATING_TUNED, "evaluating the fine-tuned model")
         evaluation["tuned"] = evaluator.run(trained.model, loaded.tokenizer, "tuned", hooks)

@@ -14,7 +14,7 @@ from trainer.config import LoraSettings, TrainConfig
 from trainer.train import TrainResult, fine_tune
 from worker.model_loader import materialize_bundled
 
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     # Dropout 0 (the authors'): the processes draw different masks than one process would.
     "lora": {"lora": LoraSettings(r=8, alpha=16), "learning_rate": 1e-2},
     "full": {"lora": None, "learning_rate": 1e-3},
