@@ -1,6 +1,11 @@
 """Benchmark: naive SaRFT-style scoring against the engine, fp32 and bf16.
 
     python bench/scoring.py --samples 48 --json bench/results/scoring.json
+    python bench/scoring.py --model qwen2.5-coder-0.5b-instruct --role "John Doe" --samples 96
+
+The bf16 engine runs twice: with the vocabulary projection and log-softmax in fp32 (an fp32
+copy of the output embedding: the worker's bf16 mode) and all in bf16. Flag agreement is
+given against the naive fp32 method and against the fp32 engine.
 
 Naive = what the reference code does per sample: one full forward per sample
 and condition, logits over the whole vocabulary at every position, fp32. The
@@ -90,11 +95,12 @@ def flags(means: list[float]) -> list[bool]:
 
 
 def run_engine(
-    model: Any, sequences: list[EncodedSequence], batch_size: int
+    model: Any, sequences: list[EncodedSequence], batch_size: int, fp32_head: bool = True
 ) -> tuple[list[float], float]:
-    TransformersScorer(model, batch_size=batch_size).score(sequences[:6])  # warm-up
+    TransformersScorer(model, batch_size=batch_size, fp32_head=fp32_head).score(sequences[:6])
     start = time.perf_counter()
-    scorer = TransformersScorer(model, batch_size=batch_size)  # fresh: prefixes are timed
+    # Fresh: prefixes are timed.
+    scorer = TransformersScorer(model, batch_size=batch_size, fp32_head=fp32_head)
     results = scorer.score(sequences)
     return [r.mean for r in results], time.perf_counter() - start
 
@@ -107,18 +113,22 @@ def main() -> None:
     parser.add_argument("--role", default="Jack Sparrow")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--model", default=None, help="packaged name, HF id or path (default: the bundled one)"
+    )
     args = parser.parse_args()
 
     prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", args.role)
     samples = load_rows(args.role, args.samples)
-    fp32 = load_model(dtype="float32")
+    fp32 = load_model(args.model, dtype="float32")
     encoder = ChatEncoder(fp32.tokenizer, prompts)
     sequences = [encoder.encode(s, c) for s in samples for c in Condition]
     model = fp32.model
     params, vocab, hidden = block_params(model), model.config.vocab_size, model.config.hidden_size
     n = len(samples)
     print(
-        f"{n} samples of {args.role}, {len(sequences)} sequences, {torch.get_num_threads()} threads"
+        f"{fp32.name}: {n} samples of {args.role}, {len(sequences)} sequences, "
+        f"{torch.get_num_threads()} threads"
     )
 
     peak32, peak16 = matmul_peak_gflops(torch.float32), matmul_peak_gflops(torch.bfloat16)
@@ -130,8 +140,9 @@ def main() -> None:
     naive_s = time.perf_counter() - start
 
     eng32, eng32_s = run_engine(model, sequences, args.batch_size)
-    bf16_model = load_model(dtype="bfloat16").model
+    bf16_model = load_model(args.model, dtype="bfloat16").model
     eng16, eng16_s = run_engine(bf16_model, sequences, args.batch_size)
+    eng16h, eng16h_s = run_engine(bf16_model, sequences, args.batch_size, fp32_head=False)
 
     # The machine is shared: take the best of two peak measurements (before and
     # after), so "share of peak" errs low rather than high.
@@ -142,11 +153,13 @@ def main() -> None:
     nf = naive_flops(sequences, params, vocab, hidden)
     ef = engine_flops(sequences, params, vocab, hidden)
     ref_flags = flags(naive)
+    engine_flags = flags(eng32)
 
     def row(
         name: str, means: list[float], seconds: float, flops: float, peak: float
     ) -> dict[str, Any]:
         agree = sum(a == b for a, b in zip(flags(means), ref_flags, strict=True)) / n
+        agree_engine = sum(a == b for a, b in zip(flags(means), engine_flags, strict=True)) / n
         gflops = flops / seconds / 1e9
         return {
             "method": name,
@@ -158,12 +171,15 @@ def main() -> None:
             "peak_fraction": gflops / peak,
             "max_abs_diff": max(abs(a - b) for a, b in zip(means, naive, strict=True)),
             "flag_agreement": agree,
+            "flag_agreement_engine_fp32": agree_engine,
+            "speedup_vs_engine_fp32": eng32_s / seconds,
         }
 
     rows = [
         row("naive fp32", naive, naive_s, nf, peak32),
         row("engine fp32", eng32, eng32_s, ef, peak32),
-        row("engine bf16", eng16, eng16_s, ef, peak16),
+        row("engine bf16, fp32 head", eng16, eng16_s, ef, peak16),
+        row("engine bf16, bf16 head", eng16h, eng16h_s, ef, peak16),
     ]
     headers = [
         "method",
@@ -173,7 +189,9 @@ def main() -> None:
         "GFLOP/s",
         "of peak",
         "max |diff|",
-        "flags agree",
+        "flags = naive",
+        "flags = fp32 engine",
+        "x fp32 engine",
     ]
     print_table(
         headers,
@@ -187,6 +205,8 @@ def main() -> None:
                 f"{r['peak_fraction']:.0%}",
                 r["max_abs_diff"],
                 f"{r['flag_agreement']:.1%}",
+                f"{r['flag_agreement_engine_fp32']:.1%}",
+                r["speedup_vs_engine_fp32"],
             ]
             for r in rows
         ],
@@ -195,6 +215,7 @@ def main() -> None:
         args.json,
         {
             "samples": n,
+            "model": fp32.name,
             "role": args.role,
             "batch_size": args.batch_size,
             "machine": machine(),
@@ -208,6 +229,9 @@ def main() -> None:
             "max_abs_diff_bf16": rows[2]["max_abs_diff"],
             "flag_agreement_fp32": rows[1]["flag_agreement"],
             "flag_agreement_bf16": rows[2]["flag_agreement"],
+            "flag_agreement_bf16_vs_engine_fp32": rows[2]["flag_agreement_engine_fp32"],
+            "flag_agreement_bf16_head_vs_engine_fp32": rows[3]["flag_agreement_engine_fp32"],
+            "speedup_bf16_vs_engine_fp32": rows[2]["speedup_vs_engine_fp32"],
         },
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,11 @@ def engine_scores(
     batch_size: int = 16,
     compute_reference: bool = True,
     chunk_size: int = 256,
+    fp32_head: bool = True,
 ) -> list[tuple[Sample, SampleScores]]:
-    scorer = TransformersScorer(model, batch_size=batch_size, reuse_prefix=reuse_prefix)
+    scorer = TransformersScorer(
+        model, batch_size=batch_size, reuse_prefix=reuse_prefix, fp32_head=fp32_head
+    )
     return list(
         score_samples(
             samples,
@@ -405,6 +409,27 @@ def test_profile_longer_than_prompt_limit(
     assert worst <= TOL, f"max |mean - reference| = {worst:.3g}"
     for _, scores in results:
         assert scores.truncated
+
+
+def test_bf16_scoring_projects_and_normalises_in_fp32(tiny_model: Any) -> None:
+    """The bf16 mode's head: the vocabulary projection and log-softmax of bf16 hidden states
+    in fp32, from an fp32 copy of the output embedding; the model itself stays bf16."""
+    bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    scorer = TransformersScorer(bf16)
+    weight = bf16.get_output_embeddings().weight
+    assert scorer.head_weight.dtype == torch.float32 and weight.dtype == torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, weight.shape[1], generator=generator).to(torch.bfloat16)
+    labels = torch.randint(0, weight.shape[0], (64,), generator=generator)
+    logits = hidden.float() @ weight.float().t()
+    exact = torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+    with torch.inference_mode():
+        fp32_head = scorer._label_logprobs(hidden, labels)
+        bf16_head = TransformersScorer(bf16, fp32_head=False)._label_logprobs(hidden, labels)
+    fp32_error = float((fp32_head - exact).abs().max())
+    bf16_error = float((bf16_head - exact).abs().max())
+    assert fp32_error <= 1e-4, fp32_error
+    assert bf16_error > 10 * fp32_error, (bf16_error, fp32_error)
 
 
 def test_tiny_model_is_context_sensitive(tiny_reference: Means) -> None:
