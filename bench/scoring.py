@@ -4,8 +4,10 @@
     python bench/scoring.py --model qwen2.5-coder-0.5b-instruct --role "John Doe" --samples 96
 
 The bf16 engine runs twice: with the vocabulary projection and log-softmax in fp32 (an fp32
-copy of the output embedding: the worker's bf16 mode) and all in bf16. Flag agreement is
-given against the naive fp32 method and against the fp32 engine.
+copy of the output embedding) and all in bf16. A third bf16 row is the worker's bf16 mode:
+the all-bf16 run, then the samples whose s_unsafe - s_role is within --check-band of 0
+scored again by the fp32 engine (its time included). Flag agreement is given against the
+naive fp32 method and against the fp32 engine.
 
 Naive = what the reference code does per sample: one full forward per sample
 and condition, logits over the whole vocabulary at every position, fp32. The
@@ -38,6 +40,7 @@ from worker.encoding import ChatEncoder, EncodedSequence
 from worker.formats import Message, Sample
 from worker.model_loader import load_model
 from worker.prompts import Condition, RolePrompts
+from worker.scoring.backends import ScoreConfig
 from worker.scoring.transformers_backend import TransformersScorer, _needed_len
 
 
@@ -95,7 +98,7 @@ def flags(means: list[float]) -> list[bool]:
 
 
 def run_engine(
-    model: Any, sequences: list[EncodedSequence], batch_size: int, fp32_head: bool = True
+    model: Any, sequences: list[EncodedSequence], batch_size: int, fp32_head: bool = False
 ) -> tuple[list[float], float]:
     TransformersScorer(model, batch_size=batch_size, fp32_head=fp32_head).score(sequences[:6])
     start = time.perf_counter()
@@ -103,6 +106,22 @@ def run_engine(
     scorer = TransformersScorer(model, batch_size=batch_size, fp32_head=fp32_head)
     results = scorer.score(sequences)
     return [r.mean for r in results], time.perf_counter() - start
+
+
+def run_check(
+    model: Any, sequences: list[EncodedSequence], means: list[float], batch_size: int, band: float
+) -> tuple[list[float], float, int]:
+    """The worker's check: the samples near the flag boundary scored again in fp32."""
+    near = [i for i in range(0, len(means), 3) if abs(means[i + 1] - means[i]) < band]
+    merged = list(means)
+    start = time.perf_counter()
+    if near:
+        again = TransformersScorer(model, batch_size=batch_size).score(
+            [seq for i in near for seq in sequences[i : i + 3]]
+        )
+        for k, i in enumerate(near):
+            merged[i : i + 3] = [r.mean for r in again[3 * k : 3 * k + 3]]
+    return merged, time.perf_counter() - start, len(near)
 
 
 def main() -> None:
@@ -113,6 +132,7 @@ def main() -> None:
     parser.add_argument("--role", default="Jack Sparrow")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--check-band", type=float, default=ScoreConfig().check_band)
     parser.add_argument(
         "--model", default=None, help="packaged name, HF id or path (default: the bundled one)"
     )
@@ -141,8 +161,11 @@ def main() -> None:
 
     eng32, eng32_s = run_engine(model, sequences, args.batch_size)
     bf16_model = load_model(args.model, dtype="bfloat16").model
-    eng16, eng16_s = run_engine(bf16_model, sequences, args.batch_size)
-    eng16h, eng16h_s = run_engine(bf16_model, sequences, args.batch_size, fp32_head=False)
+    eng16, eng16_s = run_engine(bf16_model, sequences, args.batch_size, fp32_head=True)
+    eng16h, eng16h_s = run_engine(bf16_model, sequences, args.batch_size)
+    band = args.check_band
+    checked, check_s, rechecked = run_check(model, sequences, eng16h, args.batch_size, band)
+    checked_s = eng16h_s + check_s
 
     # The machine is shared: take the best of two peak measurements (before and
     # after), so "share of peak" errs low rather than high.
@@ -180,7 +203,12 @@ def main() -> None:
         row("engine fp32", eng32, eng32_s, ef, peak32),
         row("engine bf16, fp32 head", eng16, eng16_s, ef, peak16),
         row("engine bf16, bf16 head", eng16h, eng16h_s, ef, peak16),
+        row("engine bf16 + fp32 check", checked, checked_s, ef, peak16),
     ]
+    print(
+        f"bf16 + fp32 check: {rechecked} of {n} samples within {args.check_band} of the "
+        "boundary were scored again in fp32"
+    )
     headers = [
         "method",
         "samples/s",
@@ -232,6 +260,10 @@ def main() -> None:
             "flag_agreement_bf16_vs_engine_fp32": rows[2]["flag_agreement_engine_fp32"],
             "flag_agreement_bf16_head_vs_engine_fp32": rows[3]["flag_agreement_engine_fp32"],
             "speedup_bf16_vs_engine_fp32": rows[2]["speedup_vs_engine_fp32"],
+            "check_band": args.check_band,
+            "rechecked_samples": rechecked,
+            "flag_agreement_checked_vs_engine_fp32": rows[4]["flag_agreement_engine_fp32"],
+            "speedup_checked_vs_engine_fp32": rows[4]["speedup_vs_engine_fp32"],
         },
     )
 

@@ -22,10 +22,10 @@ from rich.progress import (
 from rich.text import Text
 
 from sarft.checks import check_model, fail, output_dir, readable_file
+from worker.scoring.backends import ScoreConfig  # torch-free: its defaults feed the options
 
 if TYPE_CHECKING:
     from worker.prompts import RolePrompts
-    from worker.scoring.backends import ScoreConfig
 
 app = typer.Typer(help="Safe role-play fine-tuning: score, flag, fine-tune, evaluate.")
 console = Console(stderr=True)
@@ -169,6 +169,14 @@ def score(
     model: Annotated[str | None, typer.Option(help="HF id or local dir; default: bundled.")] = None,
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    check_band: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="bfloat16: rescore in float32 the samples whose s_unsafe - s_role is within "
+            "this of the margin (0: off).",
+        ),
+    ] = ScoreConfig().check_band,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     margin: Annotated[float, typer.Option(help="Flag when s_unsafe - s_role > margin.")] = 0.0,
     no_reference: Annotated[
@@ -183,7 +191,6 @@ def score(
 ) -> None:
     """Score every sample with the base model's implicit rewards and flag the harmful subset."""
     from worker.encoding import EncodingConfig
-    from worker.scoring.backends import ScoreConfig
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     # Every input is checked before the model loads: its load takes seconds, and a bad
@@ -196,6 +203,7 @@ def score(
         model=model,
         backend=backend,
         dtype=dtype,
+        check_band=check_band,
         batch_size=batch_size,
         margin=margin,
         compute_reference=not no_reference,

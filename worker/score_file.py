@@ -49,6 +49,7 @@ def _write_scores(
     out_dir: Path,
     config: ScoreConfig,
     on_progress: Callable[[float], None] | None,
+    checker: Scorer | None = None,
 ) -> RunStats:
     """Stream ``scores.jsonl`` and ``flagged.jsonl`` into ``out_dir``; returns the run's stats."""
     stats = RunStats()
@@ -64,6 +65,8 @@ def _write_scores(
             compute_reference=config.compute_reference,
             chunk_size=config.chunk_size,
             on_progress=on_progress,
+            checker=checker,
+            check_band=config.check_band,
         ):
             scores_json = scores.to_json()
             _write_line(scores_out, {"index": sample.index, "scores": scores_json})
@@ -135,7 +138,13 @@ def score_file(
     out_dir.mkdir(parents=True, exist_ok=True)
     t1 = time.perf_counter()
     stats = _write_scores(
-        iter_samples(data, fmt), encoder, backend.scorer, out_dir, config, on_progress
+        iter_samples(data, fmt),
+        encoder,
+        backend.scorer,
+        out_dir,
+        config,
+        on_progress,
+        checker=backend.checker,
     )
     score_s = time.perf_counter() - t1
 

@@ -211,6 +211,8 @@ def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: in
             margin=config.margin,
             compute_reference=config.compute_reference,
             chunk_size=len(samples),
+            checker=backend.checker,
+            check_band=config.check_band,
         )
         _write_chunk(job_id, [s for _, s in scored])
         cursor = samples[-1].index

@@ -25,7 +25,14 @@ class ScoreConfig:
     backend: str = "transformers"
     """"transformers" (CPU or GPU, reference) or "vllm" (GPU)."""
     dtype: str = "float32"
-    """float32 is exact; bfloat16 is about 2x faster on CPU but moves log-probs by up to ~0.5."""
+    """float32 is exact; bfloat16 is about 2x faster on CPU, moves mean log-probs by up to
+    ~0.02, and keeps float32's flags with ``check_band``."""
+    check_band: float = 0.01
+    """bfloat16 with the transformers backend: samples whose s_unsafe - s_role is within this
+    of the margin are scored again in float32 (a float32 copy of the model is loaded too), so
+    their flags are float32's; 0 turns the check off. bf16's largest error on that difference
+    over 96 RoleBench rows was 0.0097 with Qwen2.5-Coder-0.5B and 0.022 with SmolLM2-135M
+    (whose 4 flips all fell inside 0.01): see bench/scoring.py."""
     batch_size: int = 16
     """Sequences per forward pass (transformers backend)."""
     margin: float = 0.0
@@ -46,6 +53,8 @@ class ScoringBackend:
     model_name: str
     model_path: str
     device: str
+    checker: Scorer | None = None
+    """An exact float32 scorer for the samples near the flag boundary (bfloat16 runs)."""
 
 
 def unknown_backend(backend: str) -> ValueError:
@@ -65,8 +74,14 @@ def build_backend(config: ScoreConfig) -> ScoringBackend:
         scorer = TransformersScorer(
             loaded.model, batch_size=config.batch_size, reuse_prefix=config.reuse_prefix
         )
+        checker = None
+        if config.dtype != "float32" and config.check_band > 0:
+            exact = load_model(config.model, dtype="float32")
+            checker = TransformersScorer(
+                exact.model, batch_size=config.batch_size, reuse_prefix=config.reuse_prefix
+            )
         return ScoringBackend(
-            scorer, loaded.tokenizer, loaded.name, loaded.path, str(loaded.device)
+            scorer, loaded.tokenizer, loaded.name, loaded.path, str(loaded.device), checker
         )
     if config.backend == "vllm":
         from transformers import AutoTokenizer

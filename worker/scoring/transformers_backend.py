@@ -81,12 +81,14 @@ class TransformersScorer:
         batch_size: int = 16,
         max_batch_tokens: int = 16384,
         reuse_prefix: bool = True,
-        fp32_head: bool = True,
+        fp32_head: bool = False,
     ) -> None:
         """``fp32_head``: with a bf16 (or fp16) model, project onto the vocabulary and take the
         log-softmax in fp32 from an fp32 copy of the output embedding, while the decoder blocks
-        run in the model's dtype: the projection and log-softmax are where bf16 moved the
-        per-token log-probs most (up to about 0.5), and they are a small part of the FLOPs."""
+        run in the model's dtype. Off by default: on 96 RoleBench rows it kept no more fp32
+        flags than the bf16 head (95.8% with SmolLM2-135M, 96.9% against 97.9% with
+        Qwen2.5-Coder-0.5B) and cost 25-35% of bf16's speed; the float32 check of the samples
+        near the boundary is what keeps the flags (``ScoreConfig.check_band``)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = model

@@ -44,7 +44,7 @@ def engine_scores(
     batch_size: int = 16,
     compute_reference: bool = True,
     chunk_size: int = 256,
-    fp32_head: bool = True,
+    fp32_head: bool = False,
 ) -> list[tuple[Sample, SampleScores]]:
     scorer = TransformersScorer(
         model, batch_size=batch_size, reuse_prefix=reuse_prefix, fp32_head=fp32_head
@@ -412,10 +412,10 @@ def test_profile_longer_than_prompt_limit(
 
 
 def test_bf16_scoring_projects_and_normalises_in_fp32(tiny_model: Any) -> None:
-    """The bf16 mode's head: the vocabulary projection and log-softmax of bf16 hidden states
-    in fp32, from an fp32 copy of the output embedding; the model itself stays bf16."""
+    """fp32_head: the vocabulary projection and log-softmax of bf16 hidden states in fp32,
+    from an fp32 copy of the output embedding; the model itself stays bf16."""
     bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
-    scorer = TransformersScorer(bf16)
+    scorer = TransformersScorer(bf16, fp32_head=True)
     weight = bf16.get_output_embeddings().weight
     assert scorer.head_weight.dtype == torch.float32 and weight.dtype == torch.bfloat16
     generator = torch.Generator().manual_seed(0)
@@ -425,7 +425,7 @@ def test_bf16_scoring_projects_and_normalises_in_fp32(tiny_model: Any) -> None:
     exact = torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
     with torch.inference_mode():
         fp32_head = scorer._label_logprobs(hidden, labels)
-        bf16_head = TransformersScorer(bf16, fp32_head=False)._label_logprobs(hidden, labels)
+        bf16_head = TransformersScorer(bf16)._label_logprobs(hidden, labels)
     fp32_error = float((fp32_head - exact).abs().max())
     bf16_error = float((bf16_head - exact).abs().max())
     assert fp32_error <= 1e-4, fp32_error
@@ -561,3 +561,41 @@ def test_qwen_scores_like_a_plain_forward_and_refuses(
     answers = generate(qwen_model.model, qwen_model.tokenizer, None, goals, 32, 8)
     refused = sum(PhraseJudge().judge(g, a) for g, a in zip(goals, answers, strict=True))
     assert refused >= 3, answers  # measured: 4 of these 8
+
+
+def test_borderline_samples_are_scored_again_by_the_checker(
+    tiny_model: Any, tiny_tokenizer: Any, sarft_prompts: RolePrompts, rolebench_rows: list[Sample]
+) -> None:
+    """bf16 with an fp32 check: the samples whose fast difference lies within the band of the
+    margin carry the exact scorer's scores (and so its flags); the others keep the fast ones."""
+    encoder = ChatEncoder(tiny_tokenizer, sarft_prompts)
+    fast = TransformersScorer(copy.deepcopy(tiny_model).to(torch.bfloat16))
+    exact = TransformersScorer(tiny_model)
+
+    def run(band: float) -> list[SampleScores]:
+        return [
+            s
+            for _, s in score_samples(
+                rolebench_rows, encoder, fast, checker=exact, check_band=band, margin=0.1
+            )
+        ]
+
+    plain = run(0.0)
+    distances = [abs(p.unsafe.mean - p.role.mean - 0.1) for p in plain]
+    band = sorted(distances)[len(distances) // 2]  # about half the rows are near
+    checked = run(band)
+    reference = [s for _, s in score_samples(rolebench_rows, encoder, exact, margin=0.1)]
+    near = [d < band for d in distances]
+    assert 0 < sum(near) < len(near)  # the band splits the rows: both branches are exercised
+
+    def means(s: SampleScores) -> list[float]:
+        return [lp.mean for lp in (s.role, s.unsafe, s.ref) if lp is not None]
+
+    for p, c, r, is_near in zip(plain, checked, reference, near, strict=True):
+        if is_near:  # the exact scorer's numbers (batched with other rows: to rounding)
+            assert means(c) == pytest.approx(means(r), abs=1e-6) and c.flagged == r.flagged
+        else:
+            assert c == p
+    assert [means(s) for s in run(float("inf"))] == [
+        pytest.approx(means(r), abs=1e-6) for r in reference
+    ]
