@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     """Comma-separated further models that scoring jobs may name (each loads on first use)."""
     scoring_backend: str = "transformers"
     scoring_dtype: str = "float32"
-    """float32 is exact; bfloat16 is ~2x faster on CPU but moves log-probs (see README)."""
+    """float32 is exact; bfloat16 is faster and keeps float32's flags by scoring the samples
+    near the boundary again in float32 (see README)."""
     chunk_size: int = 64
     """Samples scored and committed together: the unit of progress and of resume."""
     shard_size: int = 5000
