@@ -198,14 +198,18 @@ def bundled_tokenizer(bundled_model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(bundled_model_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(bundled_model_dir: Path) -> Any:
+def build_tiny_tokenizer() -> Any:
     """The bundled tokenizer (its own instance) with a chat template that has no system role."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(materialize_bundled(model_cache_dir()))
     tokenizer.chat_template = NO_SYSTEM_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    return build_tiny_tokenizer()
 
 
 # Tiny random decoders: 2 layers, grouped kv heads, and a larger init range than the
@@ -222,9 +226,8 @@ TINY_SHAPE: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_tokenizer: Any) -> Any:
-    """A tiny random Llama in fp32 over the bundled vocabulary.
+def build_tiny_model(tokenizer: Any) -> Any:
+    """A tiny random Llama in fp32 over ``tokenizer``'s vocabulary, the same on every call.
 
     A larger init range than the default makes its outputs depend visibly on the context,
     so a wrong position or a stale cache shows up well above the test tolerances.
@@ -233,16 +236,21 @@ def tiny_model(tiny_tokenizer: Any) -> Any:
 
     config = LlamaConfig(
         **TINY_SHAPE,
-        vocab_size=len(tiny_tokenizer),
+        vocab_size=len(tokenizer),
         max_position_embeddings=2048,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(1234)
     model: Any = LlamaForCausalLM(config)
     model.float().eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer: Any) -> Any:
+    return build_tiny_model(tiny_tokenizer)
 
 
 ALL_CONDITIONS = tuple(Condition)
