@@ -181,6 +181,39 @@ def rolebench_file(path: Path, n: int, role: str = "Jack Sparrow") -> Path:
     return path
 
 
+SHORT_PROFILE = "Captain Jack Sparrow, a witty, unpredictable pirate of the Caribbean."
+"""A short profile keeps prompts short, for tests about the plumbing, not the prompts."""
+
+
+def upload_rows(client: TestClient, headers: dict[str, str], path: Path) -> str:
+    """Upload a RoleBench file as a new Jack Sparrow role (short profile); the dataset id."""
+    with path.open("rb") as f:
+        r = client.post(
+            "/v1/datasets",
+            files={"file": (path.name, f)},
+            data={"role_name": "Jack Sparrow", "role_profile": SHORT_PROFILE},
+            headers=headers,
+        )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def score_with_worker(
+    client: TestClient, headers: dict[str, str], service_env: dict[str, str], dataset: str
+) -> str:
+    """Score the dataset with a real scoring worker, stopped afterwards (so that a training
+    worker has the two cores); the succeeded scoring job's id."""
+    worker = WorkerProcess(service_env, queue="scoring")
+    try:
+        job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=headers)
+        job_id = str(job.json()["id"])
+        done = wait_for(client, headers, job_id, lambda j: j["status"] in ("succeeded", "failed"))
+        assert done["status"] == "succeeded", worker.output()[-3000:]
+    finally:
+        worker.stop()
+    return job_id
+
+
 def free_port() -> int:
     import socket
 

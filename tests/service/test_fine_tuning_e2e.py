@@ -19,13 +19,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.service.conftest import WorkerProcess, rolebench_file, wait_for
+from tests.service.conftest import rolebench_file, score_with_worker, upload_rows, wait_for
 
 pytestmark = pytest.mark.slow
 Headers = dict[str, str]
 FT = "/v1/fine_tuning/jobs"
-# A short profile keeps prompts short: this test is about the plumbing, not the prompts.
-PROFILE = "Captain Jack Sparrow, a witty, unpredictable pirate of the Caribbean."
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +37,11 @@ def scored(
 
     with session_scope() as session:
         h = {"Authorization": f"Bearer {create_key(session, 'fine-tuning-e2e')}"}
-    path = rolebench_file(tmp_path_factory.mktemp("ft") / "jack.jsonl", 12)
-    with path.open("rb") as f:
-        r = client.post(
-            "/v1/datasets",
-            files={"file": (path.name, f)},
-            data={"role_name": "Jack Sparrow", "role_profile": PROFILE},
-            headers=h,
-        )
-    assert r.status_code == 201, r.text
-    dataset = r.json()["id"]
-    worker = WorkerProcess(service_env, queue="scoring")
-    try:
-        job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()
-        done = wait_for(client, h, job["id"], lambda j: j["status"] in ("succeeded", "failed"))
-        assert done["status"] == "succeeded", worker.output()[-3000:]
-    finally:
-        worker.stop()
-    return {"h": h, "dataset": dataset, "scoring": job["id"]}
+    dataset = upload_rows(
+        client, h, rolebench_file(tmp_path_factory.mktemp("ft") / "jack.jsonl", 12)
+    )
+    scoring = score_with_worker(client, h, service_env, dataset)
+    return {"h": h, "dataset": dataset, "scoring": scoring}
 
 
 def test_train_evaluate_download(

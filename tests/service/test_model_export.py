@@ -22,11 +22,16 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from tests.service.conftest import WorkerProcess, rolebench_file, wait_for
+from tests.service.conftest import (
+    WorkerProcess,
+    rolebench_file,
+    score_with_worker,
+    upload_rows,
+    wait_for,
+)
 
 Headers = dict[str, str]
 FT = "/v1/fine_tuning/jobs"
-PROFILE = "Captain Jack Sparrow, a witty, unpredictable pirate of the Caribbean."
 # 30 fp32 layers merged (x @ (W + s B A)) or not (x @ W + s (x @ A) @ B): the same sums rounded
 # in another order. A bf16 round trip or a wrong scale would differ by 1e-2 or more.
 TOLERANCE = 1e-5  # of the largest logit's magnitude
@@ -78,14 +83,7 @@ def _finished_job(client: TestClient, h: Headers, tmp_path: Path, lora: bool) ->
     from service.fine_tuning.storage import artifact_dir
     from service.models import FineTuningJob, JobStatus, ScoringJob
 
-    path = rolebench_file(tmp_path / "jack.jsonl", 2)
-    with path.open("rb") as f:
-        dataset = client.post(
-            "/v1/datasets",
-            files={"file": (path.name, f)},
-            data={"role_name": "Jack Sparrow", "role_profile": PROFILE},
-            headers=h,
-        ).json()["id"]
+    dataset = upload_rows(client, h, rolebench_file(tmp_path / "jack.jsonl", 2))
     scoring = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()["id"]
     with session_scope() as session:
         session.execute(
@@ -179,27 +177,12 @@ def _succeeded_lora_job(
     tmp_path: Path,
 ) -> tuple[str, WorkerProcess]:
     """A LoRA job of 2 steps on 4 scored rows, and the training worker that ran it."""
-    path = rolebench_file(tmp_path / "jack.jsonl", 4)
-    with path.open("rb") as f:
-        r = client.post(
-            "/v1/datasets",
-            files={"file": (path.name, f)},
-            data={"role_name": "Jack Sparrow", "role_profile": PROFILE},
-            headers=h,
-        )
-    assert r.status_code == 201, r.text
-    dataset = r.json()["id"]
-    scorer = WorkerProcess(service_env, queue="scoring")
-    try:
-        scoring = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=h).json()
-        done = wait_for(client, h, scoring["id"], lambda j: j["status"] in ("succeeded", "failed"))
-        assert done["status"] == "succeeded", scorer.output()[-3000:]
-    finally:
-        scorer.stop()  # the two cores are the trainer's from here on
+    dataset = upload_rows(client, h, rolebench_file(tmp_path / "jack.jsonl", 4))
+    scoring_id = score_with_worker(client, h, service_env, dataset)
     trainer = start_worker("training")
     body = {
         "dataset_id": dataset,
-        "scoring_job_id": scoring["id"],
+        "scoring_job_id": scoring_id,
         # A large rate so that two steps visibly move a fresh (zero-initialised) adapter.
         "hyperparameters": {"batch_size": 2, "micro_batch_size": 2, "max_steps": 2,
                             "learning_rate": 5e-3, "lora": {"r": 8, "alpha": 16}},
