@@ -88,7 +88,8 @@ from trainer.config import (
     TrainConfig,
 )
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
-from trainer.train import _optimizer_step, _prepare, _supports_logits_to_keep
+from trainer.forward import forward_plan
+from trainer.train import _optimizer_step, _prepare
 from worker.model_loader import load_model
 from worker.prompts import RolePrompts
 
@@ -218,11 +219,11 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             p.sum()  # page the memory-mapped weights in, so they count in the baseline
     memory = PeakMemory(device)
     # One policy serves both methods: they differ only in the batch's flags.
-    policy, reference = _prepare(model, configs["sarft"], None)
+    policy, reference, reference_model = _prepare(model, configs["sarft"], None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[job.mode])
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
-    can_slice = _supports_logits_to_keep(policy)
+    plan = forward_plan(policy, reference_model, configs["sarft"].fused_loss)
     pad_id = pad_token_id(tokenizer)
     policy.train()
 
@@ -242,7 +243,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
                 configs[method],
                 optimizer,
                 scheduler,
-                can_slice,
+                plan,
             )
             if memory.cuda:
                 torch.cuda.synchronize()  # the optimizer step is queued, not done, on return

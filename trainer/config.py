@@ -125,6 +125,12 @@ class TrainConfig:
     dtype: DType = "float32"
     """Compute dtype of the forward passes: "bfloat16" runs them under autocast (weights and
     optimizer state stay in the model's dtype); losses are always computed in float32."""
+    fused_loss: bool = True
+    """Compute the CE and KL from the final hidden states a chunk of positions at a time
+    (:mod:`trainer.fused_loss`), never holding full-vocabulary logits for the whole micro-batch;
+    the same loss and gradients as the unfused path up to float rounding. Models whose head is
+    not a plain projection (LoRA on ``lm_head``, logit scaling or soft-capping) use the unfused
+    path whatever this says."""
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     """LoRA settings, or None for full fine-tuning (which keeps a frozen copy of the model as the
     KL reference, doubling weight memory; with LoRA the reference is the same model with the

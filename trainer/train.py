@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import itertools
 import json
 import math
@@ -44,13 +43,16 @@ from trainer.data import (
     select_kl_subset,
     step_batches,
 )
+from trainer.forward import ForwardPlan, forward_plan, outputs
+from trainer.fused_loss import fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
 from trainer.ranks import Ranks
 from worker.formats import Sample
 from worker.prompts import RolePrompts
 
 StepMetrics = dict[str, float]
-ReferenceLogits = Callable[[Batch, int], torch.Tensor]
+ReferenceLogits = Callable[[Batch, int, bool], torch.Tensor]
+"""The reference's ``outputs(batch, keep, hidden)`` (see :func:`trainer.forward.outputs`)."""
 OnCheckpoint = Callable[[Checkpoint, list[Checkpoint]], None]
 """Called with each checkpoint written and the older ones that were deleted."""
 
@@ -88,38 +90,25 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) ->
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def _supports_logits_to_keep(model: Any) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
-def _logits(model: Any, batch: Batch, keep: int) -> torch.Tensor:
-    """Logits of the last ``keep`` positions (all when ``keep`` is the full width)."""
-    extra = {"logits_to_keep": keep} if keep < batch.input_ids.shape[1] else {}
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra
-    )
-    return out.logits
-
-
 def _prepare(
     model: Any, config: TrainConfig, base_model_name: str | None
-) -> tuple[Any, ReferenceLogits]:
-    """The policy to train and a function returning reference logits (under no_grad)."""
+) -> tuple[Any, ReferenceLogits, Any | None]:
+    """The policy to train, a function returning the reference's outputs (under no_grad), and
+    the model whose head projects them (None when there is no KL term)."""
     if config.lora is None:
         if config.method == "sft" or config.lambda_kl == 0:
             # No KL term, so no reference forward: a frozen copy would only take memory.
-            def no_reference(batch: Batch, keep: int) -> torch.Tensor:
+            def no_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
                 raise AssertionError("a run without a KL term asked for reference logits")
 
-            return model, no_reference
+            return model, no_reference, None
         reference = frozen_copy(model)
 
-        def full_reference(batch: Batch, keep: int) -> torch.Tensor:
+        def full_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
             with torch.no_grad():
-                return _logits(reference, batch, keep)
+                return outputs(reference, batch, keep, hidden)
 
-        return model, full_reference
+        return model, full_reference, reference
 
     lora = config.lora
     policy = get_peft_model(
@@ -135,18 +124,18 @@ def _prepare(
     if base_model_name is not None:
         policy.peft_config["default"].base_model_name_or_path = base_model_name
 
-    def adapter_disabled_reference(batch: Batch, keep: int) -> torch.Tensor:
+    def adapter_disabled_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
         # The base model in eval mode (as the authors' frozen reference), without a second copy.
         # The policy's mode is restored: validation calls this with the policy in eval mode.
         was_training = policy.training
         policy.eval()
         try:
             with torch.no_grad(), policy.disable_adapter():
-                return _logits(policy, batch, keep)
+                return outputs(policy, batch, keep, hidden)
         finally:
             policy.train(was_training)
 
-    return policy, adapter_disabled_reference
+    return policy, adapter_disabled_reference, policy
 
 
 def _first_kept_position(batch: Batch, needs_all_positions: bool, can_slice: bool) -> int:
@@ -163,38 +152,54 @@ def _micro_batch_loss(
     reference: ReferenceLogits,
     batch: Batch,
     config: TrainConfig,
-    can_slice: bool,
+    plan: ForwardPlan,
     step_tokens: int,
     step_rows: int,
 ) -> LossParts:
     needs_kl = config.lambda_kl > 0 and bool(batch.kl_flags.any())
-    start = _first_kept_position(batch, needs_kl and config.kl_positions == "all", can_slice)
+    start = _first_kept_position(batch, needs_kl and config.kl_positions == "all", plan.can_slice)
     keep = batch.input_ids.shape[1] - start
     device_type = batch.input_ids.device.type
+    settings = {
+        "lam": config.lambda_kl,
+        "direction": config.kl_direction,
+        "positions": config.kl_positions,
+        "num_response_tokens": step_tokens,
+        "num_rows": step_rows,
+        # Each row's non-pad tokens, counted over the whole row even when logits are sliced.
+        "sample_tokens": (
+            batch.attention_mask.sum(1) if config.ce_normalization == "sample_tokens" else None
+        ),
+    }
+    labels, attention = batch.labels[:, start:], batch.attention_mask[:, start:]
     with torch.autocast(device_type, torch.bfloat16, enabled=config.dtype == "bfloat16"):
-        policy_logits = _logits(policy, batch, keep)
-        ref_logits = None
+        policy_out = outputs(policy, batch, keep, plan.fused)
+        ref_out = None
         if needs_kl:
             # Only the KL rows need the reference: an unflagged row's reference forward (and
             # its logits over the whole vocabulary) would be computed for nothing.
             flagged = batch.kl_flags.bool()
             ref_batch = batch if bool(flagged.all()) else batch.rows(flagged.nonzero()[:, 0])
-            ref_logits = reference(ref_batch, keep)
+            ref_out = reference(ref_batch, keep, plan.fused)
+        if plan.head is not None:
+            # Inside autocast: the fused head runs in its dtype, as the model's own would.
+            return fused_sarft_loss(
+                policy_out,
+                plan.head,
+                ref_out,
+                plan.ref_head,
+                labels,
+                attention,
+                batch.kl_flags,
+                **settings,  # type: ignore[arg-type]
+            )
     return sarft_loss(
-        policy_logits,
-        ref_logits,
-        batch.labels[:, start:],
-        batch.attention_mask[:, start:],
+        policy_out,
+        ref_out,
+        labels,
+        attention,
         batch.kl_flags,
-        config.lambda_kl,
-        config.kl_direction,
-        config.kl_positions,
-        num_response_tokens=step_tokens,
-        num_rows=step_rows,
-        # Each row's non-pad tokens, counted over the whole row even when logits are sliced.
-        sample_tokens=(
-            batch.attention_mask.sum(1) if config.ce_normalization == "sample_tokens" else None
-        ),
+        **settings,  # type: ignore[arg-type]
     )
 
 
@@ -206,7 +211,7 @@ def _optimizer_step(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     scheduler: LambdaLR,
-    can_slice: bool,
+    plan: ForwardPlan,
     ranks: Ranks | None = None,
 ) -> StepMetrics:
     """One optimizer step; across several processes each takes every ``world``-th
@@ -234,7 +239,7 @@ def _optimizer_step(
         batch = collate(chunk or examples[:1], pad_id).to(device)
         with ranks.no_sync(policy, sync=j == len(mine) - 1):
             parts = _micro_batch_loss(
-                policy, reference, batch, config, can_slice, step_tokens, len(examples)
+                policy, reference, batch, config, plan, step_tokens, len(examples)
             )
             weight = scale if chunk is not None else 0.0
             (parts.total * weight).backward()
@@ -296,7 +301,7 @@ def _validation_metrics(
     examples: Sequence[TrainExample],
     pad_id: int,
     config: TrainConfig,
-    can_slice: bool,
+    plan: ForwardPlan,
 ) -> StepMetrics:
     """The loss, CE and KL over the validation examples, normalised as one step over all of
     them (so they compare with the training step's), in eval mode and without gradients."""
@@ -310,7 +315,7 @@ def _validation_metrics(
             for i in range(0, len(examples), config.micro_batch_size):
                 batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
                 parts = _micro_batch_loss(
-                    policy, reference, batch, config, can_slice, step_tokens, len(examples)
+                    policy, reference, batch, config, plan, step_tokens, len(examples)
                 )
                 totals["valid_loss"] += parts.total.item()
                 totals["valid_ce"] += parts.ce.item()
@@ -326,6 +331,7 @@ class _Loop:
 
     policy: Any
     reference: ReferenceLogits
+    reference_model: Any | None
     tokenizer: Any
     examples: Sequence[TrainExample]
     validation: Sequence[TrainExample]
@@ -344,7 +350,7 @@ class _Loop:
         self.trained = self.ranks.wrap(self.policy)
         self.pad_id = pad_token_id(self.tokenizer)
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
-        self.can_slice = _supports_logits_to_keep(self.policy)
+        self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
         self.history: list[StepMetrics] = []
         self.step = 0
 
@@ -389,7 +395,7 @@ class _Loop:
                     self.config,
                     self.optimizer,
                     self.scheduler,
-                    self.can_slice,
+                    self.plan,
                     self.ranks,
                 )
                 record = {"step": step, "total_steps": self.total_steps}
@@ -411,7 +417,7 @@ class _Loop:
 
     def _validate(self) -> StepMetrics:
         return _validation_metrics(
-            self.policy, self.reference, self.validation, self.pad_id, self.config, self.can_slice
+            self.policy, self.reference, self.validation, self.pad_id, self.config, self.plan
         )
 
     def _checkpoint(self, record: StepMetrics) -> None:
@@ -508,13 +514,14 @@ def fine_tune(
     ranks = Ranks(accelerator)
     if accelerator is not None:
         model.to(accelerator.device)  # before the frozen reference of full fine-tuning is copied
-    policy, reference = _prepare(model, config, name)
+    policy, reference, reference_model = _prepare(model, config, name)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")
     loop = _Loop(
         policy,
         reference,
+        reference_model,
         tokenizer,
         examples,
         validation_examples,

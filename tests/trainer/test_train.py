@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.forward as forward_module
 import trainer.train as train_module
 from tests.conftest import (
     read_rolebench_rows,
@@ -95,9 +96,15 @@ def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
 
 
 def count_forwards(model: Any) -> list[int]:
-    """Record every forward of ``model`` (policy and reference alike: LoRA wraps this module)."""
+    """Record every training forward of ``model`` (policy and reference alike: LoRA wraps this
+    module); the one-row probe that checks the head for the fused loss is not one."""
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape[0] > 1:
+            calls.append(1)
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
     return calls
 
 
@@ -252,8 +259,11 @@ def test_micro_batch_size_and_logit_slicing_do_not_change_the_step(
     micro2 = first_step("micro2", micro_batch_size=2)
     for key in ("loss", "ce", "kl", "grad_norm"):
         assert micro2[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-9), key
-    monkeypatch.setattr(train_module, "_supports_logits_to_keep", lambda _model: False)
-    unsliced = first_step("unsliced")
+    unfused = first_step("unfused", fused_loss=False)
+    for key in ("loss", "ce", "kl", "grad_norm"):
+        assert unfused[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-9), key
+    monkeypatch.setattr(forward_module, "supports_logits_to_keep", lambda _model: False)
+    unsliced = first_step("unsliced", fused_loss=False)
     for key in ("loss", "ce", "kl", "grad_norm"):
         assert unsliced[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-9), key
 
