@@ -1,10 +1,13 @@
 """Benchmark: the cost of safety, one `sarft` optimizer step against one `sft` step.
 
-    python bench/training.py [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
-        [--dtype float32|bfloat16] [--modes lora,full] [--kl-positions all|response] \
-        [--threads N] [--json bench/results/training.json]
+    python bench/training.py [--model NAME] [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
+        [--dtype float32|bfloat16] [--modes lora,full] [--losses fused,unfused] \
+        [--kl-positions all|response] [--threads N] [--json bench/results/training.json]
 
-Both methods train the bundled SmolLM2-135M-Instruct on the same batch: the first
+Both methods train --model (default: the bundled SmolLM2-135M-Instruct; e.g.
+qwen2.5-coder-0.5b-instruct) on the same batch, with each loss implementation: "fused"
+(trainer/fused_loss.py: CE and KL from the hidden states, a chunk of positions at a time) and
+"unfused" (trainer/loss.py on full-vocabulary logits, the path before it). The batch is the first
 --batch-size RoleBench rows of --role (default "John Doe", the Se7en killer) encoded under
 SaRFT's role prompt, exactly as `trainer.train.fine_tune` encodes them. The RDS flags are fixed
 rather than scored: every other sample (indices 0, 2, 4, ...) is flagged, so half of the batch
@@ -53,8 +56,10 @@ utilisation. The achieved GFLOP/s is
 compared with the best plain matmul measured in the same run (`matmul_peak_gflops`, before
 and after the steps).
 
-The issue's goal is a `sarft` step at most 1.3x an `sft` step. The default run takes about
-four and a half minutes on an idle 2-core CPU.
+The goals: a `sarft` step at most 1.15x an `sft` step in time and 1.10x in peak memory, and a
+fused `sarft` step's peak at least 30% below the unfused one's ("memory x unfused"). The
+cells (loss x method) take turns within each mode's process, so all four share the machine's
+load. With the bundled model the default run takes about ten minutes on an idle 2-core CPU.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from torch.optim.lr_scheduler import LambdaLR
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
+from bench.memory_model import MicroBatch, Shape, step_peak_bytes
 from bench.scoring import block_params, load_rows
 from trainer.config import (
     DTYPES,
@@ -95,7 +101,10 @@ from worker.prompts import RolePrompts
 
 MODES = ("lora", "full")
 BENCH_METHODS: tuple[Method, ...] = ("sft", "sarft")
-GOAL_RATIO = 1.3
+LOSSES = ("fused", "unfused")
+GOAL_RATIO = 1.15
+GOAL_MEMORY_RATIO = 1.10
+GOAL_MEMORY_CUT = 0.30  # a fused sarft step's peak at least this far below the unfused one's
 MIB = 1024 * 1024
 # The learning rates trainer.config documents; they do not change a step's cost.
 LEARNING_RATES = {"lora": 1e-4, "full": 2e-5}
@@ -113,6 +122,8 @@ class Job:
     dtype: DType
     kl_positions: KLPositions
     threads: int
+    model: str | None = None
+    losses: tuple[str, ...] = LOSSES
 
 
 def bench_flags(n: int) -> list[bool]:
@@ -132,6 +143,23 @@ def build_config(job: Job, method: Method) -> TrainConfig:
         kl_positions=job.kl_positions,
         lora=LoraSettings() if job.mode == "lora" else None,
     )
+
+
+def micro_batches(
+    examples: list[TrainExample], micro: int, kl_positions: KLPositions
+) -> list[MicroBatch]:
+    """The step's micro-batches as `_optimizer_step` makes them (flagged rows first)."""
+    ordered = sorted(examples, key=lambda e: not e.kl_flag)
+    out = []
+    for i in range(0, len(ordered), micro):
+        chunk = ordered[i : i + micro]
+        width = max(len(e.input_ids) for e in chunk)
+        flagged = sum(e.kl_flag for e in chunk)
+        first = min(len(e.input_ids) - e.num_response_tokens for e in chunk)
+        kept = width if flagged and kl_positions == "all" else width - first + 1
+        response = sum(e.num_response_tokens for e in chunk)
+        out.append(MicroBatch(len(chunk), width, response, flagged, kept))
+    return out
 
 
 def step_flops(
@@ -192,7 +220,7 @@ class PeakMemory:
 def run_mode(job: Job) -> list[dict[str, Any]]:
     """Warm-up and ``job.reps`` timed optimizer steps per method, taking turns."""
     torch.set_num_threads(job.threads)
-    loaded = load_model(dtype="float32")
+    loaded = load_model(job.model, dtype="float32")
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", job.role)
     samples = load_rows(job.role, job.batch_size)
@@ -223,16 +251,24 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[job.mode])
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
-    plan = forward_plan(policy, reference_model, configs["sarft"].fused_loss)
+    plans = {loss: forward_plan(policy, reference_model, loss == "fused") for loss in job.losses}
+    if "fused" in plans and not plans["fused"].fused:
+        raise SystemExit("this model's head cannot take the fused loss")
     pad_id = pad_token_id(tokenizer)
     policy.train()
 
-    seconds: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
-    cpu_seconds: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
-    peaks: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
-    kl: dict[str, float] = {}
+    shape = Shape.of(model)
+    trainable = float(sum(p.numel() for p in params))
+    act_bytes = 2 if job.dtype == "bfloat16" else 4
+    shapes = {m: micro_batches(batches[m], job.micro_batch_size, job.kl_positions) for m in batches}
+    cells = [(loss, method) for loss in job.losses for method in BENCH_METHODS]
+    seconds: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
+    cpu_seconds: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
+    peaks: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
+    kl: dict[tuple[str, str], float] = {}
     for round_ in range(job.reps + 1):
-        for method in BENCH_METHODS[:: 1 if round_ % 2 == 0 else -1]:
+        for cell in cells[:: 1 if round_ % 2 == 0 else -1]:
+            loss, method = cell
             memory.start()
             start, cpu_start = time.perf_counter(), time.process_time()
             metrics = _optimizer_step(
@@ -243,39 +279,45 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
                 configs[method],
                 optimizer,
                 scheduler,
-                plan,
+                plans[loss],
             )
             if memory.cuda:
                 torch.cuda.synchronize()  # the optimizer step is queued, not done, on return
             elapsed = time.perf_counter() - start
             if round_ > 0:  # round 0 is the warm-up
-                seconds[method].append(elapsed)
-                cpu_seconds[method].append(time.process_time() - cpu_start)
-                peaks[method].append(memory.peak_mib())
-                kl[method] = metrics["kl"]
+                seconds[cell].append(elapsed)
+                cpu_seconds[cell].append(time.process_time() - cpu_start)
+                peaks[cell].append(memory.peak_mib())
+                kl[cell] = metrics["kl"]
 
     rows = []
-    for method in BENCH_METHODS:
-        step_s = statistics.median(seconds[method])
+    for cell in cells:
+        loss, method = cell
+        step_s = statistics.median(seconds[cell])
         rows.append(
             {
                 "mode": job.mode,
+                "loss": loss,
                 "method": method,
                 "device": str(device),
                 "trainable_params": sum(p.numel() for p in params),
                 "block_params": n_block,
-                "step_s_all": seconds[method],
+                "step_s_all": seconds[cell],
                 "step_s": step_s,
                 # CPU seconds per wall second (all threads): below --threads when others
                 # take the cores, and then the times are not this machine's best.
                 "cpu_per_wall": statistics.median(
-                    c / s for c, s in zip(cpu_seconds[method], seconds[method], strict=True)
+                    c / s for c, s in zip(cpu_seconds[cell], seconds[cell], strict=True)
                 ),
                 "tokens_per_s": counts[method]["tokens"] / step_s,
-                "last_kl": kl[method],
+                "last_kl": kl[cell],
                 **counts[method],
                 "gflops": counts[method]["gflop"] / step_s,
-                "peak_mib": max(peaks[method]),
+                "peak_mib": max(peaks[cell]),
+                "model_mib": step_peak_bytes(
+                    shape, shapes[method], trainable, job.mode == "full", loss == "fused", act_bytes
+                )
+                / MIB,
             }
         )
     return rows
@@ -285,6 +327,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument(
+        "--model", default=None, help="packaged name, HF id or path (default: the bundled one)"
+    )
+    parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated: fused,unfused")
     parser.add_argument("--role", default="John Doe")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -300,6 +346,9 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
+    losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
+    if not losses or any(x not in LOSSES for x in losses):
+        parser.error(f"--losses takes a comma-separated subset of {','.join(LOSSES)}")
     if args.reps < 1:
         parser.error("--reps must be >= 1")
     if args.batch_size % args.micro_batch_size:
@@ -327,6 +376,8 @@ def main() -> None:
             cast(DType, args.dtype),
             cast(KLPositions, args.kl_positions),
             args.threads,
+            args.model,
+            losses,
         )
         # A fresh process per mode: LoRA wraps the model in place, and the memory baseline
         # must not include an earlier mode's leftovers.
@@ -334,7 +385,8 @@ def main() -> None:
             mode_rows = pool.submit(run_mode, job).result()
         for row in mode_rows:
             times = ", ".join(f"{t:.2f}" for t in row["step_s_all"])
-            print(f"  {mode} {row['method']}: {times} s, {row['cpu_per_wall']:.2f} CPU s/s")
+            cell = f"{mode} {row['loss']} {row['method']}"
+            print(f"  {cell}: {times} s, {row['cpu_per_wall']:.2f} CPU s/s")
         rows.extend(mode_rows)
     elapsed = time.perf_counter() - started
     # The machine is shared: the best of two peak measurements errs towards a low share.
@@ -342,24 +394,37 @@ def main() -> None:
     print(f"matmul peak (best of before/after): {peak:.1f} GFLOP/s")
 
     ratios: dict[str, dict[str, float | bool]] = {}
+
+    def find(mode: str, loss: str, method: str) -> dict[str, Any] | None:
+        match = [r for r in rows if (r["mode"], r["loss"], r["method"]) == (mode, loss, method)]
+        return match[0] if match else None
+
     for row in rows:
         row["peak_fraction"] = row["gflops"] / peak
-        sft = next(r for r in rows if r["mode"] == row["mode"] and r["method"] == "sft")
+        sft = find(row["mode"], row["loss"], "sft")
+        assert sft is not None
         row["ratio_time"] = row["step_s"] / sft["step_s"]
         row["ratio_memory"] = row["peak_mib"] / sft["peak_mib"]
+        unfused = find(row["mode"], "unfused", row["method"])
+        row["memory_vs_unfused"] = row["peak_mib"] / unfused["peak_mib"] if unfused else None
         if row["method"] == "sarft":
-            ratios[row["mode"]] = {
+            cut = None if row["memory_vs_unfused"] is None else 1 - row["memory_vs_unfused"]
+            ratios[f"{row['mode']}/{row['loss']}"] = {
                 "ratio_time": row["ratio_time"],
                 "ratio_memory": row["ratio_memory"],
-                "meets_goal": row["ratio_time"] <= GOAL_RATIO,
+                "memory_cut_vs_unfused": cut if cut is not None else float("nan"),
+                "meets_time_goal": row["ratio_time"] <= GOAL_RATIO,
+                "meets_memory_goal": row["ratio_memory"] <= GOAL_MEMORY_RATIO,
             }
-    headers = ["mode", "method", "step s", "tokens/s", "GFLOP/step", "GFLOP/s", "of peak"]
-    headers += ["CPU/wall", "peak MiB", "time x sft", "memory x sft"]
+    headers = ["mode", "loss", "method", "step s", "tokens/s", "GFLOP/step", "GFLOP/s"]
+    headers += ["of peak", "CPU/wall", "peak MiB", "model MiB", "time x sft", "memory x sft"]
+    headers += ["memory x unfused"]
     print_table(
         headers,
         [
             [
                 r["mode"],
+                r["loss"],
                 r["method"],
                 r["step_s"],
                 r["tokens_per_s"],
@@ -368,13 +433,18 @@ def main() -> None:
                 f"{r['peak_fraction']:.0%}",
                 r["cpu_per_wall"],
                 r["peak_mib"],
+                r["model_mib"],
                 r["ratio_time"],
                 r["ratio_memory"],
+                "-" if r["memory_vs_unfused"] is None else r["memory_vs_unfused"],
             ]
             for r in rows
         ],
     )
-    print(f"goal: sarft step <= {GOAL_RATIO}x sft; total {elapsed:.0f} s")
+    print(
+        f"goals: sarft step <= {GOAL_RATIO}x sft in time and <= {GOAL_MEMORY_RATIO}x in peak "
+        f"memory; fused sarft peak >= {GOAL_MEMORY_CUT:.0%} below unfused; total {elapsed:.0f} s"
+    )
     save_json(
         args.json,
         {
@@ -388,7 +458,10 @@ def main() -> None:
             "machine": machine(),  # its "threads" are --threads
             "load_average": {"before": load_before, "after": os.getloadavg()[0]},
             "peak_gflops": peak,
+            "model": args.model or "bundled",
             "goal_ratio_time": GOAL_RATIO,
+            "goal_ratio_memory": GOAL_MEMORY_RATIO,
+            "goal_memory_cut": GOAL_MEMORY_CUT,
             "modes": ratios,
             "rows": rows,
             "seconds": elapsed,

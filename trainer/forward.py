@@ -4,7 +4,7 @@ The fused loss (:mod:`trainer.fused_loss`) projects hidden states itself, a chun
 the model's own head must not run over the positions. The forward then asks for the logits of
 one position only (``logits_to_keep=1``) and takes the final, normalised hidden states from
 ``output_hidden_states``: it still goes through the model's (or DDP's) own ``forward``, so the
-wrappers around it see a normal call.
+wrappers around it see a normal call (the reference's, without gradients, runs the decoder).
 
 A head is only used outside the model when that provably gives the model's logits: a plain
 ``nn.Linear`` (not a LoRA-adapted one, not a sharded parameter) whose projection of the hidden
@@ -37,8 +37,18 @@ def supports_logits_to_keep(model: Any) -> bool:
 
 def outputs(model: Any, batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
     """The last ``keep`` positions' logits [B, keep, V], or with ``hidden`` their final hidden
-    states [B, keep, H] (the model's head then runs on one position only)."""
+    states [B, keep, H] (the model's head then runs on one position only).
+
+    Without gradients (the reference) the hidden states come from the decoder alone: through
+    the whole model, ``output_hidden_states`` would keep every layer's output alive, which a
+    training forward keeps for its backward anyway but a no-grad one would otherwise free."""
     width = batch.input_ids.shape[1]
+    if hidden and not torch.is_grad_enabled():
+        decoder = unwrapped(model).get_decoder()
+        out = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+        return out.last_hidden_state[:, width - keep :]
     extra: dict[str, Any] = {}
     if hidden:
         extra = {"logits_to_keep": 1, "output_hidden_states": True}
@@ -69,13 +79,17 @@ def _reproduces_logits(model: Any, head: Head) -> bool:
         device = head.weight.device
         ids = torch.arange(4, device=device)[None] % int(head.weight.shape[0])
         out = inner(input_ids=ids, use_cache=False, output_hidden_states=True)
-        projected = out.hidden_states[-1] @ head.weight.t()
-        if head.bias is not None:
-            projected = projected + head.bias
-        logits = out.logits.to(projected.dtype)
-        return projected.shape == logits.shape and bool(
-            torch.allclose(projected, logits, rtol=1e-4, atol=1e-4)
-        )
+        decoded = inner.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        logits = out.logits
+        for states in (out.hidden_states[-1], decoded):
+            projected = states @ head.weight.t()
+            if head.bias is not None:
+                projected = projected + head.bias
+            if projected.shape != logits.shape or not torch.allclose(
+                projected, logits.to(projected.dtype), rtol=1e-4, atol=1e-4
+            ):
+                return False
+        return True
     finally:
         inner.train(was_training)
 

@@ -246,8 +246,11 @@ def test_training_with_the_fused_loss_takes_the_unfused_steps(
     for got, expected in zip(fused, unfused, strict=True):
         for key in ("loss", "ce", "kl", "grad_norm"):
             assert got[key] == pytest.approx(expected[key], rel=rel, abs=atol), key
+    # Adam's early updates are about lr * sign(gradient): an element whose gradient is near 0
+    # moves by a good part of lr on float noise, so the weights are held to a tenth of lr.
+    lr = 1e-3 if lora is None else 1e-2
     for name, weight in unfused_weights.items():
-        torch.testing.assert_close(fused_weights[name], weight, rtol=10 * rel, atol=10 * atol)
+        torch.testing.assert_close(fused_weights[name], weight, rtol=0, atol=0.1 * lr, msg=name)
 
 
 def test_the_plan_fuses_only_a_plain_head_that_gives_the_models_logits(
