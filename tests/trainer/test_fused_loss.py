@@ -113,7 +113,7 @@ def both(
         case.labels,
         case.attention,
         case.flags,
-        chunk_elements=3 * V,  # three positions per chunk
+        chunk_rows=3,
         **settings,  # type: ignore[arg-type]
     )
     return unfused, fused
@@ -170,7 +170,7 @@ def test_fused_loss_without_flagged_rows_needs_no_reference() -> None:
         case.attention,
         case.flags,
         lam=0.5,
-        chunk_elements=2 * V,
+        chunk_rows=2,
     )
     assert float(fused.kl) == 0.0
     assert_same(case, unfused, fused, rtol=1e-10, atol=1e-12)
