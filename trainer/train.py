@@ -248,7 +248,7 @@ def _optimizer_step(
             totals = [t + v.item() for t, v in zip(totals, values, strict=True)]
     loss, ce, kl = ranks.sum(totals)
     params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    grad_norm = ranks.clip_grad_norm(params, config.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -343,31 +343,36 @@ class _Loop:
     on_checkpoint: OnCheckpoint | None = None
     should_stop: Callable[[], bool] | None = None
     ranks: Ranks = field(default_factory=Ranks)
+    resume_from: Checkpoint | None = None
+    """Continue after this checkpoint: its weights, optimizer, scheduler, RNG and step."""
 
     def __post_init__(self) -> None:
+        state = None
+        if self.resume_from is not None:
+            state = checkpoints.load_trainer_state(self.resume_from)
+            if state["total_steps"] != self.total_steps:
+                raise RuntimeError(
+                    f"checkpoint planned {state['total_steps']} steps, this run "
+                    f"{self.total_steps}: the data or the settings changed"
+                )
+            # Before the wrap: FSDP shards the loaded weights as it would the initial ones.
+            lora = self.config.lora is not None
+            checkpoints.load_weights(self.policy, self.resume_from, lora=lora)
         # Training forwards go through DDP when there are several processes; the reference,
-        # validation and saving use the plain policy (the same parameters).
+        # validation and saving use the plain policy (the same parameters). FSDP shards the
+        # policy in place, so the optimizer is built after it, over the process's shards.
         self.trained = self.ranks.wrap(self.policy)
         self.pad_id = pad_token_id(self.tokenizer)
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
         self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
         self.history: list[StepMetrics] = []
         self.step = 0
-
-    def resume(self, checkpoint: Checkpoint) -> None:
-        """Continue after ``checkpoint``: its weights, optimizer, scheduler, RNG and step."""
-        state = checkpoints.load_trainer_state(checkpoint)
-        if state["total_steps"] != self.total_steps:
-            raise RuntimeError(
-                f"checkpoint planned {state['total_steps']} steps, this run {self.total_steps}: "
-                "the data or the settings changed"
-            )
-        checkpoints.load_weights(self.policy, checkpoint, lora=self.config.lora is not None)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.history = list(state["history"])
-        self.step = int(state["step"])
-        checkpoints.set_rng_state(state["rng"])
+        if state is not None:
+            self.ranks.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.history = list(state["history"])
+            self.step = int(state["step"])
+            checkpoints.set_rng_state(state["rng"])
 
     def run(self, metrics_path: Path) -> bool:
         """Every remaining step, each logged to ``metrics_path``; True when stopped early."""
@@ -421,13 +426,18 @@ class _Loop:
         )
 
     def _checkpoint(self, record: StepMetrics) -> None:
-        if not self.ranks.is_main:  # the processes hold the same weights and state
+        # Under FSDP every process takes part in gathering the weights and optimizer state
+        # onto the main one; otherwise the processes hold the same ones and only it reads.
+        gather = self.ranks.sharded or self.ranks.is_main
+        policy = self.ranks.plain(self.policy) if gather else None
+        optimizer = self.ranks.optimizer_state(self.policy, self.optimizer) if gather else None
+        if not self.ranks.is_main:
             self.ranks.barrier()
             return
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
         }
@@ -435,7 +445,7 @@ class _Loop:
         saved = checkpoints.save_checkpoint(
             self.out_dir,
             self.step,
-            self.policy,
+            policy,
             self.tokenizer,
             self.config.lora is not None,
             state,
@@ -488,8 +498,11 @@ def fine_tune(
     process runs this with the same arguments: every step's micro-batches are shared out
     among them and DDP sums the gradients, so the run takes the steps one process would (the
     same batches, losses and updates, up to the order of float sums; dropout masks differ).
-    Only the main process writes files and calls the callbacks; its ``should_stop`` decides
-    for all.
+    With an ``fsdp_config`` in the accelerate config the policy is sharded instead (FSDP2,
+    ZeRO-2: :mod:`trainer.ranks`); checkpoints and the saved weights are gathered onto the
+    main process, whose ``result.model`` is then a module of its own with the whole trained
+    weights (the other processes' is their sharded policy). Only the main process writes
+    files and calls the callbacks; its ``should_stop`` decides for all.
     """
     if not samples:
         raise ValueError("no training samples")
@@ -518,6 +531,7 @@ def fine_tune(
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")
+    last = checkpoints.latest_resumable(out_dir) if resume else None
     loop = _Loop(
         policy,
         reference,
@@ -533,10 +547,10 @@ def fine_tune(
         on_checkpoint=on_checkpoint,
         should_stop=should_stop,
         ranks=ranks,
+        resume_from=last,
     )
     resumed_from = None
-    if resume and (last := checkpoints.latest_resumable(out_dir)) is not None:
-        loop.resume(last)
+    if last is not None:
         resumed_from = last.step
         if on_checkpoint is not None and ranks.is_main:
             # The host may not have recorded it: the last process could die right after it.
@@ -545,8 +559,13 @@ def fine_tune(
     stopped = loop.run(metrics_path)
     policy.eval()
     adapter_dir = model_dir = None
-    if not stopped and ranks.is_main:
-        adapter_dir, model_dir = _save(policy, tokenizer, config, out_dir)
+    if not stopped:
+        # Under FSDP the main process gets the whole trained weights as a module of its own
+        # (what it saves, evaluates and returns); the others keep their shards.
+        if (gathered := ranks.plain(policy, on_device=True)) is not None:
+            policy = gathered.eval()
+        if ranks.is_main:
+            adapter_dir, model_dir = _save(policy, tokenizer, config, out_dir)
     ranks.barrier()
     history = loop.history
     return TrainResult(

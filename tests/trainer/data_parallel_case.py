@@ -29,9 +29,15 @@ def build(case: str) -> tuple[Any, Any, TrainConfig]:
 
 
 def run(
-    model: Any, tokenizer: Any, config: TrainConfig, out: Path, accelerator: Any = None
+    model: Any,
+    tokenizer: Any,
+    config: TrainConfig,
+    out: Path,
+    accelerator: Any = None,
+    resume: bool = False,
 ) -> TrainResult:
     return fine_tune(
         model, tokenizer, SAMPLES, FLAGS, PROMPTS, config, out,
-        checkpoint_policy=CheckpointPolicy(every=2), accelerator=accelerator,
+        validation=SAMPLES[:3], validation_flags=FLAGS[:3],
+        checkpoint_policy=CheckpointPolicy(every=2), resume=resume, accelerator=accelerator,
     )  # fmt: skip

@@ -1,0 +1,150 @@
+"""FSDP: two CPU processes started by ``accelerate launch`` with examples/accelerate/fsdp.yaml
+(FSDP2, ZeRO-2, gloo) take the steps one process takes on the tiny random Llama, save the same
+adapter or model, and resume from their checkpoint as the uninterrupted run goes on; one
+process resumes from it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate.utils import FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
+
+from tests.trainer.data_parallel_case import build, run
+from tests.trainer.test_data_parallel import free_port
+from trainer import checkpoints
+from trainer.ranks import FsdpSettings, Ranks
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE.parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+KEYS = ("loss", "ce", "kl", "grad_norm", "trained_tokens")
+VALIDATION_KEYS = ("valid_loss", "valid_ce", "valid_kl")  # at the checkpoints
+
+
+def close_histories(got: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    assert [h["step"] for h in got] == [h["step"] for h in expected]
+    for two, one in zip(got, expected, strict=True):
+        assert two.keys() == one.keys()
+        for key in (*KEYS, *(k for k in VALIDATION_KEYS if k in one)):
+            # Sums of the same terms in another order (per process, then across processes;
+            # the reduce-scatter adds the shards' halves in its own order).
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (key, two, one)
+
+
+def close_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def saved_weights(out: Path, lora: bool) -> dict[str, torch.Tensor]:
+    if lora:
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("case", ["lora", "full"])
+def test_fsdp_processes_take_the_steps_of_one(case: str, tmp_path: Path) -> None:
+    model, tokenizer, config = build(case)
+    single = run(model, tokenizer, config, tmp_path / "single")
+    assert single.total_steps == 4 and single.history[-1]["kl"] > 0
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        "--num_processes", "2", "--main_process_port", str(free_port()),
+        str(HERE / "ddp_run.py"), str(tmp_path), case, "resume",
+    ]  # fmt: skip
+    # One thread per process: two processes share the two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    # The second process kept only its shards: about half of every parameter.
+    held = json.loads((tmp_path / "held.json").read_text())
+    assert held["dtensors"] == held["params"] and held["local"] <= held["whole"] / 2 + 1000
+
+    expected = {n: p for n, p in single.model.named_parameters() if p.requires_grad}
+    close_histories(json.loads((tmp_path / "history.json").read_text()), single.history)
+    close_weights(torch.load(tmp_path / "trained.pt"), expected)
+    # What the main process saved from the gathered shards: the adapter (or model) files.
+    lora = case == "lora"
+    close_weights(saved_weights(tmp_path / "run", lora), saved_weights(tmp_path / "single", lora))
+    steps = [c.step for c in checkpoints.list_checkpoints(tmp_path / "run")]
+    assert steps == [c.step for c in checkpoints.list_checkpoints(tmp_path / "single")] == [2, 4]
+
+    # Resumed after step 2 (gathered weights and optimizer state), the processes end where
+    # the uninterrupted run ended.
+    assert json.loads((tmp_path / "resumed-resumed_from.json").read_text()) == 2
+    close_histories(json.loads((tmp_path / "resumed-history.json").read_text()), single.history)
+    close_weights(torch.load(tmp_path / "resumed-trained.pt"), expected)
+
+    # The checkpoint of the sharded run resumes in one process as well.
+    cross = tmp_path / "cross"
+    source = tmp_path / "checkpoints-before-resume" / "step-000002"
+    shutil.copytree(source, checkpoints.step_dir(cross, 2))
+    model, tokenizer, config = build(case)
+    resumed = run(model, tokenizer, config, cross, resume=True)
+    assert resumed.resumed_from == 2
+    close_histories(resumed.history, single.history)
+    close_weights({n: p for n, p in resumed.model.named_parameters() if p.requires_grad}, expected)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FSDP_VERSION": "1"}, "fsdp_version: 2"),
+        ({"FSDP_RESHARD_AFTER_FORWARD": "true"}, "fsdp_reshard_after_forward: false"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
+    ],
+)
+def test_fsdp_settings_sarft_cannot_run_are_refused(
+    env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The environment ``accelerate launch`` makes of examples/accelerate/fsdp.yaml, changed.
+    base = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_ACTIVATION_CHECKPOINTING": "false",
+    }
+    for key, value in {**base, **env}.items():
+        monkeypatch.setenv(key, value)
+
+    # accelerate's plugin reads the environment, as in each process on CPU.
+    settings = FsdpSettings(FullyShardedDataParallelPlugin())
+    with pytest.raises(ValueError, match=message):
+        settings.check()
+    for key in env:
+        monkeypatch.setenv(key, base[key])
+    FsdpSettings(FullyShardedDataParallelPlugin()).check()  # the example's settings pass
+
+
+def test_one_process_is_not_sharded() -> None:
+    assert not Ranks().sharded
+
+
+def test_gathered_weights_keep_tied_parameters_tied(tiny_tokenizer: Any) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import TINY_SHAPE
+    from trainer.ranks import _load_assigned, _meta_skeleton
+
+    shape = {**TINY_SHAPE, "tie_word_embeddings": True}
+    model = LlamaForCausalLM(LlamaConfig(**shape, vocab_size=len(tiny_tokenizer)))
+    skeleton = _meta_skeleton(model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    state = model.state_dict()
+    del state["lm_head.weight"]  # held under the embedding's name only
+    plain: Any = _load_assigned(skeleton, state)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    ids = torch.arange(6)[None]
+    torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
