@@ -6,12 +6,15 @@ The processes are started by ``accelerate launch`` (or ``torchrun``); :class:`Ra
 The policy is then wrapped in DistributedDataParallel, or, when the accelerate config file has
 an ``fsdp_config``, sharded with FSDP2 (``fully_shard``) following that config.
 
-FSDP here is ZeRO-2 (``fsdp_reshard_after_forward: false``, the paper's DeepSpeed stage):
-parameters, gradients and optimizer state are sharded between optimizer steps; during a step
-every process holds the whole parameters, so its forwards (policy and reference alike) need
-no collective, and the one reduce-scatter per step comes in its last backward. The processes
-run different numbers of micro-batches, and only some of them run the reference forward, so
-per-forward all-gathers (ZeRO-3, ``reshard_after_forward: true``) would not pair up.
+FSDP runs as ZeRO-2 (``fsdp_reshard_after_forward: false``, the paper's DeepSpeed stage) or
+ZeRO-3 (``true``). ZeRO-2: parameters, gradients and optimizer state are sharded between
+optimizer steps; during a step every process holds the whole parameters, so its forwards
+(policy and reference alike) need no collective, and the one reduce-scatter per step comes in
+its last backward; the processes may run different numbers of micro-batches and references.
+ZeRO-3: the parameters are resharded after each unit's forward and backward and all-gathered
+again for the next, so every forward and backward is collective: the processes must run the
+same sequence of them (:attr:`Ranks.lockstep`; the training loop pads the micro-batches and
+pairs the reference forwards).
 """
 
 from __future__ import annotations
@@ -49,17 +52,16 @@ class FsdpSettings:
             return cls(FullyShardedDataParallelPlugin())
         return None
 
+    @property
+    def reshard_after_forward(self) -> bool:
+        """ZeRO-3 (True) or ZeRO-2 (False); accelerate makes FSDP2's setting a bool."""
+        return bool(self.plugin.reshard_after_forward)
+
     def check(self) -> None:
         plugin = self.plugin
         if plugin.fsdp_version != 2:
             raise ValueError(
                 "sarft's FSDP is FSDP2: set fsdp_version: 2 in the accelerate config's fsdp_config"
-            )
-        if plugin.reshard_after_forward is not False:
-            raise ValueError(
-                "sarft's FSDP is ZeRO-2: set fsdp_reshard_after_forward: false in the "
-                "accelerate config (fully sharded parameters, ZeRO-3, need every process to "
-                "run the same forwards, and the processes of a step run different ones)"
             )
         if plugin.activation_checkpointing:
             raise ValueError("fsdp_activation_checkpointing is not supported; set it false")
@@ -72,7 +74,7 @@ class FsdpSettings:
 
         plugin = self.plugin
         kwargs: dict[str, Any] = {
-            "reshard_after_forward": False,
+            "reshard_after_forward": self.reshard_after_forward,
             "offload_policy": plugin.cpu_offload,
             "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
         }
@@ -163,6 +165,13 @@ class Ranks:
         return self._fsdp is not None
 
     @property
+    def lockstep(self) -> bool:
+        """Every forward and backward of the policy's module is a collective (FSDP ZeRO-3:
+        each unit all-gathers its parameters): the processes must run the same number of
+        micro-batches, and the same reference forwards through that module, in each step."""
+        return self._fsdp is not None and self._fsdp.reshard_after_forward
+
+    @property
     def _acc(self) -> Any:
         assert self.accelerator is not None  # only asked for with several processes
         return self.accelerator
@@ -182,8 +191,8 @@ class Ranks:
             raise ValueError(
                 f"accelerate's {kind} is not supported by sarft's training loop: DeepSpeed "
                 "owns the optimizer and the backward, which this loop runs itself; use FSDP "
-                "(examples/accelerate/fsdp.yaml: ZeRO-2) or data parallel (no fsdp_config or "
-                "deepspeed_config in the accelerate file)"
+                "(examples/accelerate/fsdp.yaml: ZeRO-2, fsdp-zero3.yaml: ZeRO-3) or data "
+                "parallel (no fsdp_config or deepspeed_config in the accelerate file)"
             )
         if self._fsdp is None:
             return self._acc.prepare_model(policy)
@@ -202,7 +211,7 @@ class Ranks:
         if self.world == 1:
             return nullcontext()
         if self._fsdp is not None:
-            return _fsdp_accumulate(model, sync)
+            return _fsdp_accumulate(model, sync, keep_whole=not self.lockstep)
         if sync:
             return nullcontext()
         return self._acc.no_sync(model)
@@ -286,14 +295,17 @@ class Ranks:
 
 
 @contextmanager
-def _fsdp_accumulate(model: Any, sync: bool) -> Iterator[None]:
-    # Between the syncing backwards the parameters stay whole (no re-gather, so no collective
-    # in the next forwards) and the gradients accumulate unsharded; the syncing backward
-    # reduce-scatters them and reshards the parameters for the optimizer step.
+def _fsdp_accumulate(model: Any, sync: bool, keep_whole: bool) -> Iterator[None]:
+    # The gradients accumulate unsharded until the syncing backward reduce-scatters them. With
+    # ``keep_whole`` (ZeRO-2) the parameters also stay whole between the syncing backwards (no
+    # re-gather, so no collective in the next forwards) and the syncing one reshards them for
+    # the optimizer step; under ZeRO-3 every backward reshards them, as every forward does.
     model.set_requires_gradient_sync(sync)
-    model.set_reshard_after_backward(sync)
+    if keep_whole:
+        model.set_reshard_after_backward(sync)
     try:
         yield
     finally:
         model.set_requires_gradient_sync(True)
-        model.set_reshard_after_backward(True)
+        if keep_whole:
+            model.set_reshard_after_backward(True)

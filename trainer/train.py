@@ -155,7 +155,11 @@ def _micro_batch_loss(
     plan: ForwardPlan,
     step_tokens: int,
     step_rows: int,
+    pair_reference: bool = False,
 ) -> LossParts:
+    """The micro-batch's loss parts. ``pair_reference``: another process runs the reference
+    forward at this micro-batch, so this one runs it too even without a KL row (its output
+    unused), as the collectives of a ZeRO-3 reference must pair up."""
     needs_kl = config.lambda_kl > 0 and bool(batch.kl_flags.any())
     start = _first_kept_position(batch, needs_kl and config.kl_positions == "all", plan.can_slice)
     keep = batch.input_ids.shape[1] - start
@@ -181,6 +185,9 @@ def _micro_batch_loss(
             flagged = batch.kl_flags.bool()
             ref_batch = batch if bool(flagged.all()) else batch.rows(flagged.nonzero()[:, 0])
             ref_out = reference(ref_batch, keep, plan.fused)
+        elif pair_reference:
+            # One row is enough to take part in the all-gathers; the loss has no KL term here.
+            reference(batch.rows(torch.arange(1, device=batch.input_ids.device)), keep, plan.fused)
         if plan.head is not None:
             # Inside autocast: the fused head runs in its dtype, as the model's own would.
             return fused_sarft_loss(
@@ -203,6 +210,50 @@ def _micro_batch_loss(
     )
 
 
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """A process's micro-batches of one step, and at which of them it runs the reference
+    forward only to pair with another process's."""
+
+    chunks: list[Sequence[TrainExample] | None]
+    """Its micro-batches; None: a zero-weight one that only joins the collectives."""
+    pair_reference: list[bool]
+
+
+def plan_micro_batches(
+    examples: Sequence[TrainExample],
+    size: int,
+    world: int,
+    rank: int,
+    *,
+    lockstep: bool,
+    pair_kl: bool,
+) -> MicroBatchPlan:
+    """Process ``rank``'s share of the step's (sorted) ``examples``: every ``world``-th
+    micro-batch. In ``lockstep`` (:attr:`Ranks.lockstep`) every process runs the same number
+    of them (padded with zero-weight ones) and, with ``pair_kl`` (a KL term whose reference
+    goes through the sharded policy), runs the reference at micro-batch j when any process's
+    j needs it. Each process works this out from the same examples: no communication."""
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    shares: list[list[Sequence[TrainExample] | None]] = [
+        list(chunks[r::world]) for r in range(world)
+    ]
+    count = max(1, math.ceil(len(chunks) / world)) if lockstep else 0
+    for share in shares:
+        # A process without a micro-batch (or, in lockstep, with fewer) still joins the sync.
+        share.extend([None] * max(count - len(share), 0 if share else 1))
+    mine = shares[rank]
+    if not (lockstep and pair_kl):
+        return MicroBatchPlan(mine, [False] * len(mine))
+
+    def needs_kl(chunk: Sequence[TrainExample] | None) -> bool:
+        # As the micro-batch is collated: a zero-weight one runs the step's first example.
+        return any(e.kl_flag for e in (chunk or examples[:1]))
+
+    pair = [any(needs_kl(share[j]) for share in shares) for j in range(len(mine))]
+    return MicroBatchPlan(mine, pair)
+
+
 def _optimizer_step(
     policy: Any,
     reference: ReferenceLogits,
@@ -213,9 +264,11 @@ def _optimizer_step(
     scheduler: LambdaLR,
     plan: ForwardPlan,
     ranks: Ranks | None = None,
+    pair_references: bool = False,
 ) -> StepMetrics:
     """One optimizer step; across several processes each takes every ``world``-th
-    micro-batch of the step and DDP sums their gradients in one all-reduce."""
+    micro-batch of the step and DDP sums their gradients in one all-reduce (see
+    :func:`plan_micro_batches` for ``pair_references``)."""
     ranks = ranks or Ranks()
     started = time.perf_counter()
     device = next(policy.parameters()).device
@@ -227,19 +280,23 @@ def _optimizer_step(
     # KL row needs neither the reference forward nor logits over the prompt. The step's
     # gradient is a sum over its micro-batches, so their make-up does not change it.
     examples = sorted(examples, key=lambda e: not e.kl_flag)
-    size = config.micro_batch_size
-    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
-    mine: list[Sequence[TrainExample] | None] = list(chunks[ranks.rank :: ranks.world])
-    if not mine:
-        mine = [None]  # fewer micro-batches than processes: this one still joins the sync
+    mine = plan_micro_batches(
+        examples,
+        config.micro_batch_size,
+        ranks.world,
+        ranks.rank,
+        lockstep=ranks.lockstep,
+        pair_kl=pair_references and config.lambda_kl > 0,
+    )
     # DDP averages the processes' gradients; the loss parts are sums, so scale back up.
     scale = float(ranks.world)
     totals = [0.0, 0.0, 0.0]
-    for j, chunk in enumerate(mine):
+    last = len(mine.chunks) - 1
+    for j, (chunk, pair) in enumerate(zip(mine.chunks, mine.pair_reference, strict=True)):
         batch = collate(chunk or examples[:1], pad_id).to(device)
-        with ranks.no_sync(policy, sync=j == len(mine) - 1):
+        with ranks.no_sync(policy, sync=j == last):
             parts = _micro_batch_loss(
-                policy, reference, batch, config, plan, step_tokens, len(examples)
+                policy, reference, batch, config, plan, step_tokens, len(examples), pair
             )
             weight = scale if chunk is not None else 0.0
             (parts.total * weight).backward()
@@ -304,7 +361,9 @@ def _validation_metrics(
     plan: ForwardPlan,
 ) -> StepMetrics:
     """The loss, CE and KL over the validation examples, normalised as one step over all of
-    them (so they compare with the training step's), in eval mode and without gradients."""
+    them (so they compare with the training step's), in eval mode and without gradients.
+    Every process runs all of them, so their forwards (the reference's too) are the same: the
+    collectives of ZeRO-3 pair up."""
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
@@ -365,6 +424,9 @@ class _Loop:
         self.pad_id = pad_token_id(self.tokenizer)
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
         self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
+        # The LoRA reference is the adapter-disabled policy, through its sharded units: under
+        # ZeRO-3 its forwards all-gather too. Full fine-tuning's frozen copy is not sharded.
+        self.pair_references = self.ranks.lockstep and self.reference_model is self.policy
         self.history: list[StepMetrics] = []
         self.step = 0
         if state is not None:
@@ -402,6 +464,7 @@ class _Loop:
                     self.scheduler,
                     self.plan,
                     self.ranks,
+                    self.pair_references,
                 )
                 record = {"step": step, "total_steps": self.total_steps}
                 record.update(epoch=step / steps_per_epoch, **metrics)
@@ -499,7 +562,7 @@ def fine_tune(
     among them and DDP sums the gradients, so the run takes the steps one process would (the
     same batches, losses and updates, up to the order of float sums; dropout masks differ).
     With an ``fsdp_config`` in the accelerate config the policy is sharded instead (FSDP2,
-    ZeRO-2: :mod:`trainer.ranks`); checkpoints and the saved weights are gathered onto the
+    ZeRO-2 or ZeRO-3: :mod:`trainer.ranks`); checkpoints and the saved weights are gathered onto the
     main process, whose ``result.model`` is then a module of its own with the whole trained
     weights (the other processes' is their sharded policy). Only the main process writes
     files and calls the callbacks; its ``should_stop`` decides for all.

@@ -1,7 +1,7 @@
 """FSDP: two CPU processes started by ``accelerate launch`` with examples/accelerate/fsdp.yaml
-(FSDP2, ZeRO-2, gloo) take the steps one process takes on the tiny random Llama, save the same
-adapter or model, and resume from their checkpoint as the uninterrupted run goes on; one
-process resumes from it too."""
+(FSDP2, ZeRO-2, gloo) or fsdp-zero3.yaml (ZeRO-3) take the steps one process takes on the tiny
+random Llama, save the same adapter or model, and (ZeRO-2) resume from their checkpoint as the
+uninterrupted run goes on; one process resumes from it too."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ from safetensors.torch import load_file
 
 from tests.trainer.data_parallel_case import build, run
 from tests.trainer.test_data_parallel import free_port
+from tests.trainer.test_train import FLAGS
 from trainer import checkpoints
+from trainer.data import TrainExample, step_batches
 from trainer.ranks import FsdpSettings, Ranks
+from trainer.train import plan_micro_batches
 
 HERE = Path(__file__).resolve().parent
-CONFIG = HERE.parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+CONFIGS = HERE.parents[1] / "examples" / "accelerate"
 KEYS = ("loss", "ce", "kl", "grad_norm", "trained_tokens")
 VALIDATION_KEYS = ("valid_loss", "valid_ce", "valid_kl")  # at the checkpoints
 
@@ -51,16 +54,21 @@ def saved_weights(out: Path, lora: bool) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
 
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 @pytest.mark.parametrize("case", ["lora", "full"])
-def test_fsdp_processes_take_the_steps_of_one(case: str, tmp_path: Path) -> None:
+def test_fsdp_processes_take_the_steps_of_one(case: str, stage: str, tmp_path: Path) -> None:
     model, tokenizer, config = build(case)
     single = run(model, tokenizer, config, tmp_path / "single")
     assert single.total_steps == 4 and single.history[-1]["kl"] > 0
 
+    # ZeRO-3 shares ZeRO-2's gathering and loading code: its launch skips the resumed run (the
+    # one-process resume below still loads its checkpoint) to keep the test short.
+    zero3 = stage == "zero3"
+    config_file = CONFIGS / ("fsdp-zero3.yaml" if zero3 else "fsdp.yaml")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
         "--num_processes", "2", "--main_process_port", str(free_port()),
-        str(HERE / "ddp_run.py"), str(tmp_path), case, "resume",
+        str(HERE / "ddp_run.py"), str(tmp_path), case, *([] if zero3 else ["resume"]),
     ]  # fmt: skip
     # One thread per process: two processes share the two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -80,15 +88,19 @@ def test_fsdp_processes_take_the_steps_of_one(case: str, tmp_path: Path) -> None
     steps = [c.step for c in checkpoints.list_checkpoints(tmp_path / "run")]
     assert steps == [c.step for c in checkpoints.list_checkpoints(tmp_path / "single")] == [2, 4]
 
-    # Resumed after step 2 (gathered weights and optimizer state), the processes end where
-    # the uninterrupted run ended.
-    assert json.loads((tmp_path / "resumed-resumed_from.json").read_text()) == 2
-    close_histories(json.loads((tmp_path / "resumed-history.json").read_text()), single.history)
-    close_weights(torch.load(tmp_path / "resumed-trained.pt"), expected)
+    if zero3:
+        source = checkpoints.step_dir(tmp_path / "run", 2)
+    else:
+        # Resumed after step 2 (gathered weights and optimizer state), the processes end where
+        # the uninterrupted run ended.
+        assert json.loads((tmp_path / "resumed-resumed_from.json").read_text()) == 2
+        history = json.loads((tmp_path / "resumed-history.json").read_text())
+        close_histories(history, single.history)
+        close_weights(torch.load(tmp_path / "resumed-trained.pt"), expected)
+        source = tmp_path / "checkpoints-before-resume" / "step-000002"
 
     # The checkpoint of the sharded run resumes in one process as well.
     cross = tmp_path / "cross"
-    source = tmp_path / "checkpoints-before-resume" / "step-000002"
     shutil.copytree(source, checkpoints.step_dir(cross, 2))
     model, tokenizer, config = build(case)
     resumed = run(model, tokenizer, config, cross, resume=True)
@@ -97,11 +109,37 @@ def test_fsdp_processes_take_the_steps_of_one(case: str, tmp_path: Path) -> None
     close_weights({n: p for n, p in resumed.model.named_parameters() if p.requires_grad}, expected)
 
 
+def test_zero3_runs_exercise_the_lockstep() -> None:
+    """The steps of the run above, shared out as under ZeRO-3: in some step the processes have
+    different numbers of micro-batches, and at some micro-batch only one of them has flagged
+    rows (so the other pads, and runs the reference only to pair with it)."""
+    _, _, config = build("lora")
+    examples = [TrainExample([0, 1], [-100, 1], flag) for flag in FLAGS]
+    uneven = paired = False
+    for step in step_batches(examples, config.batch_size, 4, config.seed):
+        step = sorted(step, key=lambda e: not e.kl_flag)  # as the training step sorts them
+        size = config.micro_batch_size
+        plans = [
+            plan_micro_batches(step, size, 2, rank, lockstep=True, pair_kl=True) for rank in (0, 1)
+        ]
+        assert len(plans[0].chunks) == len(plans[1].chunks)
+        assert plans[0].pair_reference == plans[1].pair_reference
+        real = [sum(c is not None for c in plan.chunks) for plan in plans]
+        uneven |= real[0] != real[1]
+        for j, pair in enumerate(plans[0].pair_reference):
+            own = [any(e.kl_flag for e in plan.chunks[j] or ()) for plan in plans]
+            paired |= pair and own.count(True) == 1
+        # Data parallel and ZeRO-2 runs are as before: no padding, no paired references.
+        plain = plan_micro_batches(step, size, 2, 1, lockstep=False, pair_kl=True)
+        assert plain.chunks == [step[i : i + size] for i in range(size, len(step), 2 * size)]
+        assert not any(plain.pair_reference)
+    assert uneven and paired
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
         ({"FSDP_VERSION": "1"}, "fsdp_version: 2"),
-        ({"FSDP_RESHARD_AFTER_FORWARD": "true"}, "fsdp_reshard_after_forward: false"),
         ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing"),
     ],
 )
@@ -126,6 +164,17 @@ def test_fsdp_settings_sarft_cannot_run_are_refused(
     for key in env:
         monkeypatch.setenv(key, base[key])
     FsdpSettings(FullyShardedDataParallelPlugin()).check()  # the example's settings pass
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_fsdp_reshards_after_forward_as_configured(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", value)
+    settings = FsdpSettings(FullyShardedDataParallelPlugin())
+    settings.check()
+    assert settings.reshard_after_forward is (value == "true")
 
 
 def test_one_process_is_not_sharded() -> None:
