@@ -96,15 +96,16 @@ def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
 
 
 def count_forwards(model: Any) -> list[int]:
-    """Record every training forward of ``model`` (policy and reference alike: LoRA wraps this
-    module); the one-row probe that checks the head for the fused loss is not one."""
+    """Record every training forward of ``model``'s decoder (policy and reference alike: LoRA
+    wraps it in place, and the reference's no-grad forward runs the decoder alone); the
+    one-row probe that checks the head for the fused loss is not one."""
     calls: list[int] = []
 
     def record(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         if kwargs["input_ids"].shape[0] > 1:
             calls.append(1)
 
-    model.register_forward_pre_hook(record, with_kwargs=True)
+    model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     return calls
 
 
