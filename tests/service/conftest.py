@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,19 +200,55 @@ def upload_rows(client: TestClient, headers: dict[str, str], path: Path) -> str:
 
 
 def score_with_worker(
-    client: TestClient, headers: dict[str, str], service_env: dict[str, str], dataset: str
+    client: TestClient,
+    headers: dict[str, str],
+    service_env: dict[str, str],
+    dataset: str,
+    model: str | None = None,
 ) -> str:
     """Score the dataset with a real scoring worker, stopped afterwards (so that a training
-    worker has the two cores); the succeeded scoring job's id."""
+    worker has the two cores); the succeeded scoring job's id. A fine-tuning job of it trains
+    ``model`` (default: the server's, the bundled one)."""
     worker = WorkerProcess(service_env, queue="scoring")
+    body = {"dataset_id": dataset, **({"model": model} if model is not None else {})}
     try:
-        job = client.post("/v1/scoring_jobs", json={"dataset_id": dataset}, headers=headers)
+        job = client.post("/v1/scoring_jobs", json=body, headers=headers)
+        assert job.status_code == 201, job.text
         job_id = str(job.json()["id"])
         done = wait_for(client, headers, job_id, lambda j: j["status"] in ("succeeded", "failed"))
         assert done["status"] == "succeeded", worker.output()[-3000:]
     finally:
         worker.stop()
     return job_id
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama and its tokenizer as a local checkpoint that workers (other
+    processes) load, for tests of the plumbing rather than of the bundled model's numbers:
+    a forward costs milliseconds instead of a second, a merged export 25 MB instead of 540."""
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@contextmanager
+def tiny_model_allowed(tiny_model_dir: Path) -> Iterator[str]:
+    """While open, the API of this process accepts scoring jobs that name the tiny model (as
+    SARFT_EXTRA_MODELS allows a deployment's further models); its name, for the jobs."""
+    from service.core.config import get_settings
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SARFT_EXTRA_MODELS", str(tiny_model_dir))
+            get_settings.cache_clear()
+            yield str(tiny_model_dir)
+    finally:
+        get_settings.cache_clear()  # the settings of the restored environment
 
 
 def free_port() -> int:

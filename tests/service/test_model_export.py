@@ -2,17 +2,19 @@
 
 Without a model, the queue replaced by a fake: the states a request sees, what it queues, and
 a full fine-tuning job's checkpoint served at once. End to end (slow), with the real Redis,
-scoring and training workers and the bundled model: a LoRA job trains two steps with no
-evaluation; its model cannot be downloaded before an export; a failed export is recorded and
-leaves no files; the export then runs on the real training worker (asked twice, queued once)
-and `sarft jobs export-model` downloads it. The merged directory loads with plain
-transformers and computes the logits of base + adapter.
+scoring and training workers and the tests' tiny random Llama (the export's steps and its
+arithmetic are those of any Llama; the bundled model would merge and archive 540 MB): a LoRA
+job trains two steps with no evaluation; its model cannot be downloaded before an export; a
+failed export is recorded and leaves no files; the export then runs on the real training
+worker (asked twice, queued once) and `sarft jobs export-model` downloads it. The merged
+directory loads with plain transformers and computes the logits of base + adapter.
 """
 
 from __future__ import annotations
 
 import json
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,16 @@ from tests.service.conftest import (
     WorkerProcess,
     rolebench_file,
     score_with_worker,
+    tiny_model_allowed,
     upload_rows,
     wait_for,
 )
 
 Headers = dict[str, str]
 FT = "/v1/fine_tuning/jobs"
-# 30 fp32 layers merged (x @ (W + s B A)) or not (x @ W + s (x @ A) @ B): the same sums rounded
-# in another order. A bf16 round trip or a wrong scale would differ by 1e-2 or more.
+# fp32 layers merged (x @ (W + s B A)) or not (x @ W + s (x @ A) @ B): the same sums rounded
+# in another order: 6e-7 here. A bf16 round trip (6e-3) or an adapter merged at 1.1 times its
+# scale (9e-3) differs far more, on the tiny model as on the bundled one.
 TOLERANCE = 1e-5  # of the largest logit's magnitude
 
 
@@ -175,11 +179,15 @@ def _succeeded_lora_job(
     service_env: dict[str, str],
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
+    model: str,
 ) -> tuple[str, WorkerProcess]:
-    """A LoRA job of 2 steps on 4 scored rows, and the training worker that ran it."""
-    dataset = upload_rows(client, h, rolebench_file(tmp_path / "jack.jsonl", 4))
-    scoring_id = score_with_worker(client, h, service_env, dataset)
+    """A LoRA job of 2 steps on 4 rows scored on ``model`` (so trained on it), and the
+    training worker that ran it."""
+    # Started first, so that it starts up while the rows are scored: on the tiny model neither
+    # worker needs the cores for long.
     trainer = start_worker("training")
+    dataset = upload_rows(client, h, rolebench_file(tmp_path / "jack.jsonl", 4))
+    scoring_id = score_with_worker(client, h, service_env, dataset, model=model)
     body = {
         "dataset_id": dataset,
         "scoring_job_id": scoring_id,
@@ -222,6 +230,7 @@ def test_export_merges_the_adapter_into_a_plain_checkpoint(
     make_key: Callable[..., Headers],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    tiny_model_dir: Path,
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,7 +241,8 @@ def test_export_merges_the_adapter_into_a_plain_checkpoint(
     from worker.model_loader import load_model
 
     h = make_key()
-    job_id, trainer = _succeeded_lora_job(client, h, service_env, start_worker, tmp_path)
+    with tiny_model_allowed(tiny_model_dir) as model:
+        job_id, trainer = _succeeded_lora_job(client, h, service_env, start_worker, tmp_path, model)
     model_path = f"{FT}/{job_id}/model"
 
     r = client.get(model_path, headers=h)
@@ -268,8 +278,15 @@ def test_export_merges_the_adapter_into_a_plain_checkpoint(
     ready = client.post(model_path, headers=h).json()
     assert ready["status"] == "ready" and ready["bytes"] == archive.stat().st_size
 
-    events = client.get(f"{FT}/{job_id}/events?limit=100", headers=h).json()["data"]
-    exports = [e["message"] for e in reversed(events) if "merged model export" in e["message"]]
+    # The worker records the export's end just after it publishes the archive, which the CLI
+    # may have downloaded before that (at once, from a small model).
+    deadline = time.monotonic() + 60
+    while True:
+        events = client.get(f"{FT}/{job_id}/events?limit=100", headers=h).json()["data"]
+        exports = [e["message"] for e in reversed(events) if "merged model export" in e["message"]]
+        if exports[-1:] == ["merged model export finished"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert exports == ["merged model export started", "merged model export failed",
                        "merged model export queued", "merged model export started",
                        "merged model export finished"], exports  # fmt: skip
@@ -288,7 +305,7 @@ def test_export_merges_the_adapter_into_a_plain_checkpoint(
     adapter.write_bytes(client.get(f"{FT}/{job_id}/adapter", headers=h).content)
     with tarfile.open(adapter) as tar:
         tar.extractall(tmp_path / "adapter", filter="data")
-    base = load_model(device="cpu")
+    base = load_model(model, device="cpu")
     ids = base.tokenizer("Ahoy, who goes there?", return_tensors="pt").input_ids
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert (

@@ -131,6 +131,22 @@ def test_killed_worker_resumes_to_identical_scores(
     assert 2 <= killed_at < 12
 
 
+def wait_shard_cancelled(job: str, timeout: float = 60) -> None:
+    from sqlalchemy import select
+
+    from service.core.db import session_scope
+    from service.models import JobStatus, ScoringShard
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as session:
+            status = session.scalar(select(ScoringShard.status).where(ScoringShard.job_id == job))
+        if status == JobStatus.CANCELLED:
+            return
+        assert time.monotonic() < deadline, f"the shard is still {status}"
+        time.sleep(0.2)
+
+
 def test_cancel_stops_running_job(
     client: TestClient,
     make_key: Callable[..., Headers],
@@ -143,7 +159,9 @@ def test_cancel_stops_running_job(
     job = client.post("/v1/scoring_jobs", json={"dataset_id": ds}, headers=h).json()["id"]
     wait_for(client, h, job, lambda j: j["progress"]["processed"] >= 2)
     assert client.post(f"/v1/scoring_jobs/{job}/cancel", headers=h).json()["status"] == "cancelled"
-    time.sleep(8)  # the worker notices at its next chunk
+    # The worker notices at its next chunk and marks its shard cancelled: wait for that rather
+    # than for a fixed time that must cover the slowest chunk.
+    wait_shard_cancelled(job)
     after = client.get(f"/v1/scoring_jobs/{job}", headers=h).json()
     assert after["status"] == "cancelled" and after["progress"]["processed"] < 20
     stopped_at = after["progress"]["processed"]
