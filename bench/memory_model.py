@@ -20,8 +20,8 @@ K, vocabulary V; ``a`` bytes per activation, 4 in float32 and 2 under bfloat16 a
   KL; the backward adds gradients of the same sizes. Counted as
   ``4 V (2 B P + R + 6 F T)`` with P the kept positions per row.
 * the loss head, fused (trainer/fused_loss.py): about five chunk buffers
-  (``5 x CHUNK_ROWS x V x 4`` bytes), the gathered hidden states and their gradient, and the
-  reference's final hidden states for the F flagged rows, ``F T H a``.
+  (``5 x rows x V x 4`` bytes, rows from ``chunk_rows_for(V)``), the gathered hidden states
+  and their gradient, and the reference's final hidden states for the F flagged rows, ``F T H a``.
 
 It is a model, not an accounting of every buffer: allocator slack, the attention mask and the
 optimizer's temporaries are left out, so it is checked against bench/training.py's measured
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.fused_loss import CHUNK_ROWS
+from trainer.fused_loss import chunk_rows_for
 
 GB = 1e9
 
@@ -105,7 +105,7 @@ def head_bytes(shape: Shape, mb: MicroBatch, fused: bool, act_bytes: int) -> flo
         positions = mb.response + mb.flagged * mb.tokens
         gathered = 3 * positions * shape.hidden * 4
         ref_hidden = mb.flagged * mb.tokens * shape.hidden * act_bytes
-        chunks = 5 * min(CHUNK_ROWS, positions) * shape.vocab * 4
+        chunks = 5 * min(chunk_rows_for(shape.vocab), positions) * shape.vocab * 4
         return chunks + gathered + ref_hidden
     return 4.0 * shape.vocab * (2 * mb.rows * mb.kept + mb.response + 6 * mb.flagged * mb.tokens)
 

@@ -2,7 +2,8 @@
 
     python bench/training.py [--model NAME] [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
         [--dtype float32|bfloat16] [--modes lora,full] [--losses fused,unfused] \
-        [--kl-positions all|response] [--threads N] [--json bench/results/training.json]
+        [--kl-positions all|response] [--chunk-rows N] [--threads N] \
+        [--json bench/results/training.json]
 
 Both methods train --model (default: the bundled SmolLM2-135M-Instruct; e.g.
 qwen2.5-coder-0.5b-instruct) on the same batch, with each loss implementation: "fused"
@@ -84,6 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
 from bench.memory_model import MicroBatch, Shape, step_peak_bytes
 from bench.scoring import block_params, load_rows
+from trainer import fused_loss
 from trainer.config import (
     DTYPES,
     KL_POSITIONS,
@@ -124,6 +126,7 @@ class Job:
     threads: int
     model: str | None = None
     losses: tuple[str, ...] = LOSSES
+    chunk_rows: int | None = None
 
 
 def bench_flags(n: int) -> list[bool]:
@@ -220,6 +223,13 @@ class PeakMemory:
 def run_mode(job: Job) -> list[dict[str, Any]]:
     """Warm-up and ``job.reps`` timed optimizer steps per method, taking turns."""
     torch.set_num_threads(job.threads)
+    chunk_rows = job.chunk_rows
+    if chunk_rows is not None:  # in this process only: the fused loss's default, overridden
+
+        def fixed_rows(vocab: int) -> int:
+            return chunk_rows
+
+        fused_loss.chunk_rows_for = fixed_rows
     loaded = load_model(job.model, dtype="float32")
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", job.role)
@@ -341,6 +351,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
     )
+    parser.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="positions per fused-loss chunk (default: trainer.fused_loss.chunk_rows_for(V))",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -378,6 +394,7 @@ def main() -> None:
             args.threads,
             args.model,
             losses,
+            args.chunk_rows,
         )
         # A fresh process per mode: LoRA wraps the model in place, and the memory baseline
         # must not include an earlier mode's leftovers.

@@ -36,11 +36,23 @@ import torch
 from trainer.config import KLDirection, KLPositions
 from trainer.loss import LossParts, kl_positions_mask, response_positions
 
-CHUNK_ROWS = 128
-"""Positions per chunk; about five [CHUNK_ROWS, V] float32 buffers are live at once (78 MiB
-each with Qwen2.5's vocabulary). Each chunk reads the whole head twice for 2 x rows FLOPs per
-weight, so fewer rows make it memory-bound: with Qwen2.5's head on this project's 2-core CPU,
-27-row chunks took twice the unfused time and 110-row chunks the same."""
+LOGITS_PER_CHUNK = 2**23
+"""About this many logits per chunk (32 MiB per float32 [rows, V] buffer; about five such
+buffers are live at once in a chunk with KL rows), so the chunk's memory does not grow with the
+vocabulary. See :func:`chunk_rows_for`."""
+
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 32, 128
+"""Each chunk reads the whole head twice for 2 x rows FLOPs per weight, so fewer rows make it
+memory-bound. ``python bench/fused_chunks.py`` on Qwen2.5's head (896 x 151,936, 1,200
+positions, half with KL; this project's 2-core CPU, idle): the loss's forward and backward took
+7.24 s at 32 rows, 6.15 s at 64, 5.55 s at 128 and 5.29 s at 256, with peaks of 88, 176, 367
+and 734 MiB (the unfused loss: 10.4 s and 3.9 GiB)."""
+
+
+def chunk_rows_for(vocab: int) -> int:
+    """Positions per chunk for a head of ``vocab`` rows: 128 for SmolLM2 (49,152), 55 for
+    Qwen2.5 (151,936), 65 for Llama 3 (128,256)."""
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, LOGITS_PER_CHUNK // max(vocab, 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +258,14 @@ def fused_sarft_loss(
     num_response_tokens: int | None = None,
     num_rows: int | None = None,
     sample_tokens: torch.Tensor | None = None,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> LossParts:
     """:func:`trainer.loss.sarft_loss` with hidden states [B, T, H] in place of logits.
 
     ``ref_hidden`` holds every row of ``policy_hidden`` or only the flagged ones (in order), as
     ``ref_logits`` does there; ``ref_head`` is the reference's head (the policy's own under
-    LoRA, whose head is not adapted). Only ``total`` can be back-propagated.
+    LoRA, whose head is not adapted). Only ``total`` can be back-propagated. ``chunk_rows``:
+    positions per chunk, :func:`chunk_rows_for` the vocabulary by default.
     """
     if direction not in ("ref_policy", "policy_ref"):
         raise ValueError(f"unknown KL direction {direction!r}")
@@ -298,7 +311,7 @@ def fused_sarft_loss(
         ref_index,
         float(lam),
         direction,
-        chunk_rows,
+        chunk_rows or chunk_rows_for(head.weight.shape[0]),
         wants,
     )
     return LossParts(total=total, ce=ce, kl=kl)

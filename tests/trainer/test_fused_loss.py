@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 
 from trainer.config import LoraSettings
 from trainer.forward import forward_plan
-from trainer.fused_loss import Head, fused_sarft_loss
+from trainer.fused_loss import Head, chunk_rows_for, fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
 from trainer.train import fine_tune
 
@@ -295,3 +295,10 @@ def test_the_plan_fuses_only_a_plain_head_that_gives_the_models_logits(
 
     scaled.forward = scaled_forward
     assert not forward_plan(scaled, scaled, fused=True).fused
+
+
+def test_chunks_hold_about_the_same_logits_whatever_the_vocabulary() -> None:
+    assert chunk_rows_for(49_152) == 128  # SmolLM2: the cap
+    assert chunk_rows_for(151_936) == 55  # Qwen2.5
+    assert chunk_rows_for(128_256) == 65  # Llama 3
+    assert chunk_rows_for(2**22) == 32  # the floor, past which chunks are memory-bound
