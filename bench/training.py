@@ -73,7 +73,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -85,7 +85,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
 from bench.memory_model import MicroBatch, Shape, step_peak_bytes
 from bench.scoring import block_params, load_rows
-from trainer import fused_loss
 from trainer.config import (
     DTYPES,
     KL_POSITIONS,
@@ -223,13 +222,6 @@ class PeakMemory:
 def run_mode(job: Job) -> list[dict[str, Any]]:
     """Warm-up and ``job.reps`` timed optimizer steps per method, taking turns."""
     torch.set_num_threads(job.threads)
-    chunk_rows = job.chunk_rows
-    if chunk_rows is not None:  # in this process only: the fused loss's default, overridden
-
-        def fixed_rows(vocab: int) -> int:
-            return chunk_rows
-
-        fused_loss.chunk_rows_for = fixed_rows
     loaded = load_model(job.model, dtype="float32")
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     prompts = RolePrompts.from_file(SHARED_DATA / "sarft" / "role_prompts_v2.json", job.role)
@@ -261,7 +253,12 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATES[job.mode])
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
-    plans = {loss: forward_plan(policy, reference_model, loss == "fused") for loss in job.losses}
+    plans = {
+        loss: replace(
+            forward_plan(policy, reference_model, loss == "fused"), chunk_rows=job.chunk_rows
+        )
+        for loss in job.losses
+    }
     if "fused" in plans and not plans["fused"].fused:
         raise SystemExit("this model's head cannot take the fused loss")
     pad_id = pad_token_id(tokenizer)

@@ -104,6 +104,9 @@ class ForwardPlan:
     """The policy's head when the loss is fused (None: the model's logits, unfused)."""
     ref_head: Head | None = None
     """The reference's head for the fused KL (the policy's own under LoRA)."""
+    chunk_rows: int | None = None
+    """Positions per fused-loss chunk; None: :func:`trainer.fused_loss.chunk_rows_for` the
+    vocabulary."""
 
     @property
     def fused(self) -> bool:

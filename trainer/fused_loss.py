@@ -311,7 +311,7 @@ def fused_sarft_loss(
         ref_index,
         float(lam),
         direction,
-        chunk_rows or chunk_rows_for(head.weight.shape[0]),
+        chunk_rows_for(head.weight.shape[0]) if chunk_rows is None else chunk_rows,
         wants,
     )
     return LossParts(total=total, ce=ce, kl=kl)

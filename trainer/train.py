@@ -198,6 +198,7 @@ def _micro_batch_loss(
                 labels,
                 attention,
                 batch.kl_flags,
+                chunk_rows=plan.chunk_rows,
                 **settings,  # type: ignore[arg-type]
             )
     return sarft_loss(
