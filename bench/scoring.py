@@ -5,9 +5,11 @@
 
 The bf16 engine runs twice: with the vocabulary projection and log-softmax in fp32 (an fp32
 copy of the output embedding) and all in bf16. A third bf16 row is the worker's bf16 mode:
-the all-bf16 run, then the samples whose s_unsafe - s_role is within --check-band of 0
-scored again by the fp32 engine (its time included). Flag agreement is given against the
-naive fp32 method and against the fp32 engine.
+the all-bf16 run, then the role and unsafe passes of the samples whose s_unsafe - s_role is
+within --check-band of 0 scored again by the fp32 engine (its time included). Flag agreement
+is given against the naive fp32 method and against the fp32 engine; "max err on d" is the
+error on s_unsafe - s_role against the fp32 engine, the one that can flip a flag, and the
+band line says how many samples each band would check and how many flags differ outside it.
 
 Naive = what the reference code does per sample: one full forward per sample
 and condition, logits over the whole vocabulary at every position, fp32. The
@@ -111,17 +113,23 @@ def run_engine(
 def run_check(
     model: Any, sequences: list[EncodedSequence], means: list[float], batch_size: int, band: float
 ) -> tuple[list[float], float, int]:
-    """The worker's check: the samples near the flag boundary scored again in fp32."""
+    """The worker's check: the role and unsafe passes of the samples near the flag boundary
+    scored again in fp32 (the reference pass keeps its bf16 score, as in the worker)."""
     near = [i for i in range(0, len(means), 3) if abs(means[i + 1] - means[i]) < band]
     merged = list(means)
     start = time.perf_counter()
     if near:
         again = TransformersScorer(model, batch_size=batch_size).score(
-            [seq for i in near for seq in sequences[i : i + 3]]
+            [seq for i in near for seq in sequences[i : i + 2]]
         )
         for k, i in enumerate(near):
-            merged[i : i + 3] = [r.mean for r in again[3 * k : 3 * k + 3]]
+            merged[i : i + 2] = [r.mean for r in again[2 * k : 2 * k + 2]]
     return merged, time.perf_counter() - start, len(near)
+
+
+def differences(means: list[float]) -> list[float]:
+    """s_unsafe - s_role per sample: what the flag compares with the margin."""
+    return [means[i + 1] - means[i] for i in range(0, len(means), 3)]
 
 
 def main() -> None:
@@ -193,6 +201,10 @@ def main() -> None:
             "gflops": gflops,
             "peak_fraction": gflops / peak,
             "max_abs_diff": max(abs(a - b) for a, b in zip(means, naive, strict=True)),
+            # The error that decides a flag: on s_unsafe - s_role, against the fp32 engine.
+            "max_flag_diff_error": max(
+                abs(a - b) for a, b in zip(differences(means), differences(eng32), strict=True)
+            ),
             "flag_agreement": agree,
             "flag_agreement_engine_fp32": agree_engine,
             "speedup_vs_engine_fp32": eng32_s / seconds,
@@ -209,6 +221,18 @@ def main() -> None:
         f"bf16 + fp32 check: {rechecked} of {n} samples within {args.check_band} of the "
         "boundary were scored again in fp32"
     )
+    # How many samples each band would send to the check (d from the all-bf16 run), and
+    # whether a flag could change outside it (bf16's error on d at least the distance).
+    d16, d32 = differences(eng16h), differences(eng32)
+    bands = {}
+    for b in (0.005, 0.01, 0.015, 0.02, 0.03):
+        outside = [i for i in range(n) if abs(d16[i]) >= b]
+        bands[str(b)] = {
+            "rechecked": n - len(outside),
+            "flips_outside": sum((d16[i] > 0) != (d32[i] > 0) for i in outside),
+        }
+    print("band: samples checked, flags that differ outside it:", bands)
+    d_error = [abs(a - b) for a, b in zip(d16, d32, strict=True)]
     headers = [
         "method",
         "samples/s",
@@ -217,6 +241,7 @@ def main() -> None:
         "GFLOP/s",
         "of peak",
         "max |diff|",
+        "max err on d",
         "flags = naive",
         "flags = fp32 engine",
         "x fp32 engine",
@@ -232,6 +257,7 @@ def main() -> None:
                 r["gflops"],
                 f"{r['peak_fraction']:.0%}",
                 r["max_abs_diff"],
+                r["max_flag_diff_error"],
                 f"{r['flag_agreement']:.1%}",
                 f"{r['flag_agreement_engine_fp32']:.1%}",
                 r["speedup_vs_engine_fp32"],
@@ -261,6 +287,8 @@ def main() -> None:
             "flag_agreement_bf16_head_vs_engine_fp32": rows[3]["flag_agreement_engine_fp32"],
             "speedup_bf16_vs_engine_fp32": rows[2]["speedup_vs_engine_fp32"],
             "check_band": args.check_band,
+            "bands": bands,
+            "bf16_max_flag_diff_error": max(d_error),
             "rechecked_samples": rechecked,
             "flag_agreement_checked_vs_engine_fp32": rows[4]["flag_agreement_engine_fp32"],
             "speedup_checked_vs_engine_fp32": rows[4]["speedup_vs_engine_fp32"],

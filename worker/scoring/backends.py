@@ -28,9 +28,10 @@ class ScoreConfig:
     """float32 is exact; bfloat16 is about 2x faster on CPU, moves mean log-probs by up to
     ~0.02, and keeps float32's flags with ``check_band``."""
     check_band: float = 0.01
-    """bfloat16 with the transformers backend: samples whose s_unsafe - s_role is within this
-    of the margin are scored again in float32 (a float32 copy of the model is loaded too), so
-    their flags are float32's; 0 turns the check off. bf16's largest error on that difference
+    """bfloat16 with the transformers backend: the role and unsafe passes of the samples whose
+    s_unsafe - s_role is within this of the margin are scored again in float32 (a float32 copy
+    of the model is loaded too), so their flags are float32's; their reference pass keeps its
+    bfloat16 score. 0 turns the check off. bf16's largest error on that difference
     over 96 RoleBench rows was 0.0097 with Qwen2.5-Coder-0.5B and 0.022 with SmolLM2-135M
     (whose 4 flips all fell inside 0.01): see bench/scoring.py."""
     batch_size: int = 16

@@ -11,10 +11,12 @@ from worker.prompts import Condition
 from worker.results import SampleScores
 from worker.scoring.base import ResponseLogprob, Scorer
 
+FLAG_CONDITIONS = (Condition.ROLE, Condition.UNSAFE)
+"""The passes a flag reads: s_unsafe - s_role."""
+
 
 def conditions_for(compute_reference: bool) -> tuple[Condition, ...]:
-    base = (Condition.ROLE, Condition.UNSAFE)
-    return (*base, Condition.REF) if compute_reference else base
+    return (*FLAG_CONDITIONS, Condition.REF) if compute_reference else FLAG_CONDITIONS
 
 
 def score_samples(
@@ -73,7 +75,9 @@ def _check_borderline(
     margin: float,
     band: float,
 ) -> None:
-    """Replace, in place, the scores of the samples near the flag boundary by the checker's."""
+    """Replace, in place, the role and unsafe scores of the samples near the flag boundary by
+    the checker's. The flag reads only those two; the reference pass (the implicit rewards'
+    baseline) keeps the fast scorer's score, which spares a third of the checker's work."""
     near = [
         i
         for i, by in enumerate(scored)
@@ -81,6 +85,7 @@ def _check_borderline(
     ]
     if not near:
         return
-    again = iter(checker.score([seq for i in near for seq in encoded[i]]))
+    by_condition = [dict(zip(conditions, encoded[i], strict=True)) for i in near]
+    again = iter(checker.score([seqs[c] for seqs in by_condition for c in FLAG_CONDITIONS]))
     for i in near:
-        scored[i] = {c: next(again) for c in conditions}
+        scored[i] = {**scored[i], **{c: next(again) for c in FLAG_CONDITIONS}}

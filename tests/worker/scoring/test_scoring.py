@@ -567,7 +567,8 @@ def test_borderline_samples_are_scored_again_by_the_checker(
     tiny_model: Any, tiny_tokenizer: Any, sarft_prompts: RolePrompts, rolebench_rows: list[Sample]
 ) -> None:
     """bf16 with an fp32 check: the samples whose fast difference lies within the band of the
-    margin carry the exact scorer's scores (and so its flags); the others keep the fast ones."""
+    margin carry the exact scorer's role and unsafe scores (and so its flags), and keep the fast
+    reference score; the others keep the fast ones."""
     encoder = ChatEncoder(tiny_tokenizer, sarft_prompts)
     fast = TransformersScorer(copy.deepcopy(tiny_model).to(torch.bfloat16))
     exact = TransformersScorer(tiny_model)
@@ -588,14 +589,18 @@ def test_borderline_samples_are_scored_again_by_the_checker(
     near = [d < band for d in distances]
     assert 0 < sum(near) < len(near)  # the band splits the rows: both branches are exercised
 
-    def means(s: SampleScores) -> list[float]:
-        return [lp.mean for lp in (s.role, s.unsafe, s.ref) if lp is not None]
+    def flag_means(s: SampleScores) -> list[float]:
+        return [s.role.mean, s.unsafe.mean]
 
     for p, c, r, is_near in zip(plain, checked, reference, near, strict=True):
         if is_near:  # the exact scorer's numbers (batched with other rows: to rounding)
-            assert means(c) == pytest.approx(means(r), abs=1e-6) and c.flagged == r.flagged
+            assert flag_means(c) == pytest.approx(flag_means(r), abs=1e-6)
+            # The reference pass keeps the fast score, which is not the exact one.
+            assert c.flagged == r.flagged and c.ref == p.ref
+            assert p.ref is not None and r.ref is not None
+            assert p.ref.mean != pytest.approx(r.ref.mean, abs=1e-6)
         else:
             assert c == p
-    assert [means(s) for s in run(float("inf"))] == [
-        pytest.approx(means(r), abs=1e-6) for r in reference
+    assert [flag_means(s) for s in run(float("inf"))] == [
+        pytest.approx(flag_means(r), abs=1e-6) for r in reference
     ]
