@@ -28,6 +28,15 @@ SARFT_PROMPTS_FILE = SHARED_DATA / "sarft" / "role_prompts_v2.json"
 ROLE_NAME = "Jack Sparrow"
 NUM_ROWS = 12
 
+# `make test` runs the suite on two pytest-xdist workers: each takes its share of the cores,
+# for itself and for the servers and workers it starts, since two processes that each run
+# torch on every core slow each other several-fold.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _threads = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+    os.environ["OMP_NUM_THREADS"] = _threads
+    torch.set_num_threads(int(_threads))
+
 
 def model_cache_dir() -> Path:
     """Where the bundled model is converted once and reused across test runs.

@@ -173,6 +173,9 @@ def test_redis_lost_mid_job(
         server.stop()
 
 
+# It restarts the cluster every test's database lives in: `make test` runs it after the parallel
+# phase, alone.
+@pytest.mark.exclusive
 def test_postgres_restart_mid_job(
     service_env: dict[str, str], make_key: Callable[..., Headers], tmp_path: Path
 ) -> None:
