@@ -25,15 +25,17 @@ class ScoreConfig:
     backend: str = "transformers"
     """"transformers" (CPU or GPU, reference) or "vllm" (GPU)."""
     dtype: str = "float32"
-    """float32 is exact; bfloat16 is about 2x faster on CPU, moves mean log-probs by up to
-    ~0.02, and keeps float32's flags with ``check_band``."""
+    """float32 is exact; bfloat16 is about 2x faster with the check on a CPU with native bf16
+    matmuls (AMX; several times slower on one without), moves mean log-probs by up to ~0.03,
+    and keeps float32's flags with ``check_band``."""
     check_band: float = 0.01
     """bfloat16 with the transformers backend: the role and unsafe passes of the samples whose
     s_unsafe - s_role is within this of the margin are scored again in float32 (a float32 copy
     of the model is loaded too), so their flags are float32's; their reference pass keeps its
     bfloat16 score. 0 turns the check off. bf16's largest error on that difference
-    over 96 RoleBench rows was 0.0097 with Qwen2.5-Coder-0.5B and 0.022 with SmolLM2-135M
-    (whose 4 flips all fell inside 0.01): see bench/scoring.py."""
+    over 96 John Doe rows was 0.013 with Qwen2.5-Coder-0.5B (no flag changed outside 0.005) and
+    0.032 with SmolLM2-135M (one flip outside 0.01, none outside 0.02): see bench/scoring.py.
+    A wider band checks more rows: 0.02 would score 49 of the 96 Qwen rows again, 0.01 did 27."""
     batch_size: int = 16
     """Sequences per forward pass (transformers backend)."""
     margin: float = 0.0
