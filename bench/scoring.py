@@ -94,9 +94,15 @@ def engine_flops(sequences: list[EncodedSequence], params: int, vocab: int, hidd
     return 2.0 * params * tokens + 2.0 * vocab * hidden * projected
 
 
+def differences(means: list[float]) -> list[float]:
+    """s_unsafe - s_role per sample: what the flag compares with the margin (0).
+
+    Sequences come as (role, unsafe, ref) per sample."""
+    return [means[i + 1] - means[i] for i in range(0, len(means), 3)]
+
+
 def flags(means: list[float]) -> list[bool]:
-    # Sequences come as (role, unsafe, ref) per sample.
-    return [means[i + 1] - means[i] > 0 for i in range(0, len(means), 3)]
+    return [d > 0 for d in differences(means)]
 
 
 def run_engine(
@@ -115,7 +121,7 @@ def run_check(
 ) -> tuple[list[float], float, int]:
     """The worker's check: the role and unsafe passes of the samples near the flag boundary
     scored again in fp32 (the reference pass keeps its bf16 score, as in the worker)."""
-    near = [i for i in range(0, len(means), 3) if abs(means[i + 1] - means[i]) < band]
+    near = [3 * k for k, d in enumerate(differences(means)) if abs(d) < band]
     merged = list(means)
     start = time.perf_counter()
     if near:
@@ -125,11 +131,6 @@ def run_check(
         for k, i in enumerate(near):
             merged[i : i + 2] = [r.mean for r in again[2 * k : 2 * k + 2]]
     return merged, time.perf_counter() - start, len(near)
-
-
-def differences(means: list[float]) -> list[float]:
-    """s_unsafe - s_role per sample: what the flag compares with the margin."""
-    return [means[i + 1] - means[i] for i in range(0, len(means), 3)]
 
 
 def main() -> None:
@@ -223,16 +224,15 @@ def main() -> None:
     )
     # How many samples each band would send to the check (d from the all-bf16 run), and
     # whether a flag could change outside it (bf16's error on d at least the distance).
-    d16, d32 = differences(eng16h), differences(eng32)
+    d16, flags16 = differences(eng16h), flags(eng16h)
     bands = {}
     for b in (0.005, 0.01, 0.015, 0.02, 0.03):
         outside = [i for i in range(n) if abs(d16[i]) >= b]
         bands[str(b)] = {
             "rechecked": n - len(outside),
-            "flips_outside": sum((d16[i] > 0) != (d32[i] > 0) for i in outside),
+            "flips_outside": sum(flags16[i] != engine_flags[i] for i in outside),
         }
     print("band: samples checked, flags that differ outside it:", bands)
-    d_error = [abs(a - b) for a, b in zip(d16, d32, strict=True)]
     headers = [
         "method",
         "samples/s",
@@ -288,7 +288,7 @@ def main() -> None:
             "speedup_bf16_vs_engine_fp32": rows[2]["speedup_vs_engine_fp32"],
             "check_band": args.check_band,
             "bands": bands,
-            "bf16_max_flag_diff_error": max(d_error),
+            "bf16_max_flag_diff_error": rows[3]["max_flag_diff_error"],
             "rechecked_samples": rechecked,
             "flag_agreement_checked_vs_engine_fp32": rows[4]["flag_agreement_engine_fp32"],
             "speedup_checked_vs_engine_fp32": rows[4]["speedup_vs_engine_fp32"],
