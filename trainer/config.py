@@ -131,6 +131,12 @@ class TrainConfig:
     the same loss and gradients as the unfused path up to float rounding. Models whose head is
     not a plain projection (LoRA on ``lm_head``, logit scaling or soft-capping) use the unfused
     path whatever this says."""
+    cache_reference: bool = True
+    """Run the reference forward over the KL rows once, before the first step, and keep its
+    final hidden states (:mod:`trainer.reference_cache`): the step loop then runs no reference
+    forward, and full fine-tuning drops its frozen copy but for the head. Host memory: 4 x
+    hidden bytes per token of the flagged rows. Applies to one process with the fused loss;
+    elsewhere the reference runs in each step, as with False."""
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     """LoRA settings, or None for full fine-tuning (which keeps a frozen copy of the model as the
     KL reference, doubling weight memory; with LoRA the reference is the same model with the

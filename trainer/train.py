@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import itertools
 import json
 import math
@@ -47,6 +48,7 @@ from trainer.forward import ForwardPlan, forward_plan, outputs
 from trainer.fused_loss import fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
 from trainer.ranks import Ranks
+from trainer.reference_cache import CachedReference
 from worker.formats import Sample
 from worker.prompts import RolePrompts
 
@@ -136,6 +138,38 @@ def _prepare(
             policy.train(was_training)
 
     return policy, adapter_disabled_reference, policy
+
+
+def cached_reference(
+    reference: ReferenceLogits,
+    reference_model: Any | None,
+    policy: Any,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    config: TrainConfig,
+    plan: ForwardPlan,
+    world: int = 1,
+) -> tuple[ReferenceLogits, Any | None]:
+    """The reference function and model the step loop should use: with
+    ``config.cache_reference`` and a KL term over some of ``examples``, one process and the fused
+    loss, a :class:`CachedReference` of their flagged rows and (full fine-tuning, whose frozen
+    copy is then only needed for the head ``plan.ref_head`` holds) no reference model; otherwise
+    the live ones, unchanged."""
+    wanted = config.cache_reference and config.lambda_kl > 0 and plan.fused and world == 1
+    if not (wanted and any(e.kl_flag for e in examples)):
+        return reference, reference_model
+    lora = reference_model is policy
+    cache = CachedReference.build(
+        reference,
+        examples,
+        pad_id,
+        next(policy.parameters()).device,
+        config.micro_batch_size,
+        torch.bfloat16 if config.dtype == "bfloat16" else None,
+        # LoRA's live reference is the policy itself, so it costs nothing to keep as a fallback.
+        fallback=reference if lora else None,
+    )
+    return cache, reference_model if lora else None
 
 
 def _first_kept_position(batch: Batch, needs_all_positions: bool, can_slice: bool) -> int:
@@ -425,6 +459,18 @@ class _Loop:
         self.pad_id = pad_token_id(self.tokenizer)
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
         self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
+        # After the plan: it holds the reference's head, which outlives a dropped frozen copy.
+        self.reference, self.reference_model = cached_reference(
+            self.reference,
+            self.reference_model,
+            self.policy,
+            [*self.examples, *self.validation],
+            self.pad_id,
+            self.config,
+            self.plan,
+            self.ranks.world,
+        )
+        gc.collect()  # a dropped frozen copy's memory goes back before AdamW allocates its own
         # The LoRA reference is the adapter-disabled policy, through its sharded units: under
         # ZeRO-3 its forwards all-gather too. Full fine-tuning's frozen copy is not sharded.
         self.pair_references = self.ranks.lockstep and self.reference_model is self.policy
@@ -613,6 +659,8 @@ def fine_tune(
         ranks=ranks,
         resume_from=last,
     )
+    # The loop holds what it still needs: a frozen copy it dropped must not live on here.
+    del reference, reference_model
     resumed_from = None
     if last is not None:
         resumed_from = last.step

@@ -292,7 +292,8 @@ def test_methods_share_one_path_and_skip_the_reference_when_unused(
     forwards_per_micro_batch: int,
 ) -> None:
     calls = count_forwards(model)
-    config = quick_config(method=method, lambda_kl=lambda_kl, max_steps=1)
+    # The live reference: a cached one would run its forwards before the step instead.
+    config = quick_config(method=method, lambda_kl=lambda_kl, max_steps=1, cache_reference=False)
     result = fine_tune(model, tiny_tokenizer, SAMPLES[:8], flags, PROMPTS, config, tmp_path)
     assert len(calls) == 2 * forwards_per_micro_batch  # 8 samples in micro-batches of 4
     assert result.num_kl_samples == (0 if method == "sft" else sum(flags))
