@@ -84,10 +84,20 @@ class MicroBatch:
     kept: int  # P: positions per row whose logits the unfused head computes
 
 
-def state_bytes(shape: Shape, trainable: float, full: bool, weight_bytes: int = 4) -> float:
-    """Gradients and AdamW moments of the trainable parameters; the reference copy if full."""
+def state_bytes(
+    shape: Shape,
+    trainable: float,
+    full: bool,
+    weight_bytes: int = 4,
+    reference_cache: float | None = None,
+) -> float:
+    """Gradients and AdamW moments of the trainable parameters; the reference copy if full.
+    With ``reference_cache`` (its bytes, :mod:`trainer.reference_cache`) the cache replaces the
+    reference copy but for its head, which full fine-tuning keeps."""
     state = trainable * 12.0
-    return state + (shape.params * weight_bytes if full else 0.0)
+    if reference_cache is None:
+        return state + (shape.params * weight_bytes if full else 0.0)
+    return state + (shape.vocab * shape.hidden * weight_bytes if full else 0.0) + reference_cache
 
 
 def activation_bytes(
@@ -118,13 +128,15 @@ def step_peak_bytes(
     fused: bool,
     act_bytes: int = 4,
     weight_bytes: int = 4,
+    reference_cache: float | None = None,
 ) -> float:
-    """The largest micro-batch's activations and head on top of the training state."""
+    """The largest micro-batch's activations and head on top of the training state (see
+    :func:`state_bytes` for ``reference_cache``)."""
     transient = max(
         activation_bytes(shape, mb, act_bytes) + head_bytes(shape, mb, fused, act_bytes)
         for mb in micro_batches
     )
-    return state_bytes(shape, trainable, full, weight_bytes) + transient
+    return state_bytes(shape, trainable, full, weight_bytes, reference_cache) + transient
 
 
 def _llama3_8b_bytes(rows: int, fused: bool, zero2: bool) -> tuple[float, float, float]:
