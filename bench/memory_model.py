@@ -13,6 +13,8 @@ K, vocabulary V; ``a`` bytes per activation, 4 in float32 and 2 under bfloat16 a
   RMSNorm inputs and outputs, q, attention output, o_proj input and residual, k and v, and the
   MLP's gate, up, activation and product), plus the attention probabilities of the math
   kernel, ``B heads T^2 L 4``.
+  With gradient checkpointing, ``B T L H a`` (each layer's input) plus one layer's share of
+  the above, recomputed in the backward.
 * the loss head, unfused (trainer/loss.py): float32 [positions, V] tensors. The policy's logits
   over its kept positions (every position of a flagged micro-batch, else from the first response
   position), the CE's picked rows and their log-softmax, and for the KL the policy's and the
@@ -101,13 +103,23 @@ def state_bytes(
 
 
 def activation_bytes(
-    shape: Shape, mb: MicroBatch, act_bytes: int, attention_probs: bool = True
+    shape: Shape,
+    mb: MicroBatch,
+    act_bytes: int,
+    attention_probs: bool = True,
+    checkpointing: bool = False,
 ) -> float:
     """``attention_probs``: the math attention kernel's saved probabilities (CPU with a padding
-    mask); flash and memory-efficient kernels on a GPU save none."""
-    per_token = shape.layers * (7 * shape.hidden + 2 * shape.kv_width + 4 * shape.mlp)
-    attention = mb.rows * shape.heads * mb.tokens**2 * shape.layers * 4 if attention_probs else 0
-    return mb.rows * mb.tokens * per_token * act_bytes + attention
+    mask); flash and memory-efficient kernels on a GPU save none. With ``checkpointing``
+    (``TrainConfig.gradient_checkpointing``) each layer keeps only its input, and the backward
+    holds one layer's recomputed activations at a time."""
+    layer_token = 7 * shape.hidden + 2 * shape.kv_width + 4 * shape.mlp
+    layer_attention = mb.rows * shape.heads * mb.tokens**2 * 4 if attention_probs else 0
+    tokens = mb.rows * mb.tokens
+    if checkpointing:
+        inputs = tokens * shape.layers * shape.hidden * act_bytes
+        return inputs + tokens * layer_token * act_bytes + layer_attention
+    return (tokens * layer_token * act_bytes + layer_attention) * shape.layers
 
 
 def head_bytes(shape: Shape, mb: MicroBatch, fused: bool, act_bytes: int) -> float:
@@ -129,22 +141,27 @@ def step_peak_bytes(
     act_bytes: int = 4,
     weight_bytes: int = 4,
     reference_cache: float | None = None,
+    checkpointing: bool = False,
 ) -> float:
     """The largest micro-batch's activations and head on top of the training state (see
-    :func:`state_bytes` for ``reference_cache``)."""
+    :func:`state_bytes` for ``reference_cache``, :func:`activation_bytes` for
+    ``checkpointing``)."""
     transient = max(
-        activation_bytes(shape, mb, act_bytes) + head_bytes(shape, mb, fused, act_bytes)
+        activation_bytes(shape, mb, act_bytes, checkpointing=checkpointing)
+        + head_bytes(shape, mb, fused, act_bytes)
         for mb in micro_batches
     )
     return state_bytes(shape, trainable, full, weight_bytes, reference_cache) + transient
 
 
-def _llama3_8b_bytes(rows: int, fused: bool, zero2: bool) -> tuple[float, float, float]:
+def _llama3_8b_bytes(
+    rows: int, fused: bool, zero2: bool, checkpointing: bool = False
+) -> tuple[float, float, float]:
     """(activations, loss head, total per GPU) for ``rows`` flagged rows of 640 tokens."""
     shape = LLAMA3_8B
     mb = MicroBatch(rows=rows, tokens=640, response=rows * 128, flagged=rows, kept=640)
     weights = shape.params * 2
-    act = activation_bytes(shape, mb, 2, attention_probs=False)
+    act = activation_bytes(shape, mb, 2, attention_probs=False, checkpointing=checkpointing)
     head = head_bytes(shape, mb, fused, 2)
     if zero2:
         # bf16 weights and the frozen bf16 reference replicated; fp32 master weights, AdamW
@@ -160,15 +177,16 @@ def llama3_8b_table(gpu_bytes: float = 80e9) -> list[list[str]]:
     fine-tuning with ZeRO-2 on four; and the largest micro-batch that fits each."""
     rows = []
     for zero2 in (False, True):
-        for fused in (False, True):
-            act, head, total = _llama3_8b_bytes(2, fused, zero2)
+        for fused, checkpointing in ((False, False), (True, False), (True, True)):
+            act, head, total = _llama3_8b_bytes(2, fused, zero2, checkpointing)
             largest = 0
-            while _llama3_8b_bytes(largest + 1, fused, zero2)[2] <= gpu_bytes:
+            while _llama3_8b_bytes(largest + 1, fused, zero2, checkpointing)[2] <= gpu_bytes:
                 largest += 1
+            loss = "fused" if fused else "unfused"
             rows.append(
                 [
                     "full, ZeRO-2 on 4 GPUs" if zero2 else "LoRA, 1 GPU",
-                    "fused" if fused else "unfused",
+                    loss + (" + checkpointing" if checkpointing else ""),
                     f"{act / GB:.1f}",
                     f"{head / GB:.2f}",
                     f"{total / GB:.1f}",

@@ -3,7 +3,7 @@
     python bench/training.py [--model NAME] [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
         [--dtype float32|bfloat16] [--modes lora,full] [--losses fused,unfused] \
         [--kl-positions all|response] [--chunk-rows N] [--threads N] \
-        [--reference cached|live] [--json bench/results/training.json]
+        [--reference cached|live] [--gradient-checkpointing] [--json bench/results/training.json]
 
 Both methods train --model (default: the bundled SmolLM2-135M-Instruct; e.g.
 qwen2.5-coder-0.5b-instruct) on the same batch, with each loss implementation: "fused"
@@ -33,6 +33,8 @@ frozen copy but for its head, so the `sft` steps of that mode carry no copy eith
 one-epoch run (the authors' protocol) reads each cached row once, "epoch x sft" charges the
 whole pass to one `sarft` step: (step + cache) / sft step. "live" runs the reference forward
 in every `sarft` step, the path before the cache, and takes either loss.
+--gradient-checkpointing runs both methods with `TrainConfig.gradient_checkpointing` (each
+decoder block recomputed in the backward), the memory model likewise.
 The median is reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
 --threads, other processes held the cores and the times are not this machine's best. Under
 such contention several torch threads wait for each other at every operation, which slows
@@ -136,6 +138,7 @@ class Job:
     losses: tuple[str, ...] = LOSSES
     chunk_rows: int | None = None
     reference: str = "cached"
+    checkpointing: bool = False
 
 
 def bench_flags(n: int) -> list[bool]:
@@ -153,6 +156,7 @@ def build_config(job: Job, method: Method) -> TrainConfig:
         warmup_ratio=0.0,
         dtype=job.dtype,
         kl_positions=job.kl_positions,
+        gradient_checkpointing=job.checkpointing,
         lora=LoraSettings() if job.mode == "lora" else None,
     )
 
@@ -351,6 +355,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
                     loss == "fused",
                     act_bytes,
                     reference_cache=cache_bytes,
+                    checkpointing=job.checkpointing,
                 )
                 / MIB,
                 "reference": job.reference,
@@ -392,6 +397,12 @@ def main() -> None:
         help="cached: the KL rows' reference states computed once before the steps, as "
         "fine_tune() does (fused loss only); live: the reference forward in every sarft step",
     )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both methods with TrainConfig.gradient_checkpointing (blocks recomputed in the "
+        "backward)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.reference == "cached" and args.losses == ",".join(LOSSES):
@@ -414,7 +425,9 @@ def main() -> None:
     peak = matmul_peak_gflops(peak_dtype)
     print(
         f"{args.role}: batch {args.batch_size} (micro {args.micro_batch_size}), half flagged, "
-        f"{args.dtype}, KL positions {args.kl_positions}, {torch.get_num_threads()} threads; "
+        f"{args.dtype}, KL positions {args.kl_positions}, reference {args.reference}, "
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"{torch.get_num_threads()} threads; "
         f"matmul peak {peak:.1f} GFLOP/s"
     )
     load_before = os.getloadavg()[0]
@@ -435,6 +448,7 @@ def main() -> None:
             losses,
             args.chunk_rows,
             args.reference,
+            args.gradient_checkpointing,
         )
         # A fresh process per mode: LoRA wraps the model in place, and the memory baseline
         # must not include an earlier mode's leftovers.
@@ -533,6 +547,7 @@ def main() -> None:
             "dtype": args.dtype,
             "kl_positions": args.kl_positions,
             "reference": args.reference,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "machine": machine(),  # its "threads" are --threads
             "load_average": {"before": load_before, "after": os.getloadavg()[0]},
             "peak_gflops": peak,

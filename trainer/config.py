@@ -137,6 +137,12 @@ class TrainConfig:
     forward, and full fine-tuning drops its frozen copy but for the head. Host memory: 4 x
     hidden bytes per token of the flagged rows. Applies to one process with the fused loss;
     elsewhere the reference runs in each step, as with False."""
+    gradient_checkpointing: bool = False
+    """Keep only each decoder block's input in the forward and recompute the block in the
+    backward (non-reentrant :func:`torch.utils.checkpoint.checkpoint`, through transformers'
+    ``activation_checkpointing_enable``): the same loss and gradients for about one more forward
+    of the body per step, and most of the activations off the peak. Off by default, as the
+    authors train; on where activations, not weights, bound the batch."""
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     """LoRA settings, or None for full fine-tuning (which keeps a frozen copy of the model as the
     KL reference, doubling weight memory; with LoRA the reference is the same model with the

@@ -92,11 +92,26 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) ->
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Recompute each decoder block in the backward instead of keeping its activations.
+
+    Non-reentrant, so neither LoRA (whose frozen embedding output needs no gradient) nor the
+    no-grad reference forward needs anything more: the reference runs in eval mode, where
+    transformers does not checkpoint, and a frozen copy made after this inherits the setting
+    harmlessly. RNG state is replayed in the recomputation, so dropout masks match.
+    transformers checkpoints each block's ``forward``, so module hooks run once."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable({"use_reentrant": False})
+
+
 def _prepare(
     model: Any, config: TrainConfig, base_model_name: str | None
 ) -> tuple[Any, ReferenceLogits, Any | None]:
     """The policy to train, a function returning the reference's outputs (under no_grad), and
     the model whose head projects them (None when there is no KL term)."""
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     if config.lora is None:
         if config.method == "sft" or config.lambda_kl == 0:
             # No KL term, so no reference forward: a frozen copy would only take memory.

@@ -103,6 +103,11 @@ class Hyperparameters(BaseModel):
     )
     seed: int = _TRAIN.seed
     dtype: DType = _TRAIN.dtype
+    gradient_checkpointing: bool = Field(
+        default=_TRAIN.gradient_checkpointing,
+        description="Recompute each decoder block in the backward instead of keeping its "
+        "activations: the same result, less memory, about one more forward per step.",
+    )
     lora: LoraIn | None = Field(
         default_factory=LoraIn, description="LoRA settings; null for full fine-tuning."
     )

@@ -74,6 +74,9 @@ def test_an_empty_request_gives_the_trainers_configs() -> None:
     full = train_config("sarft", Hyperparameters(lora=None))
     assert full.lora is None and full.learning_rate == FULL_FT_LEARNING_RATE
     assert (lora.max_prompt_tokens, lora.max_response_tokens) == (512, 128)  # the scoring's
+    assert train_config("sarft", Hyperparameters(gradient_checkpointing=True)) == (
+        dataclasses.replace(lora, gradient_checkpointing=True)
+    )
     evaluation = eval_config(EvaluationIn(safety_sets=[{"name": "builtin"}]))  # type: ignore[list-item]
     assert dataclasses.replace(evaluation, safety_sets=()) == EvalConfig()
     assert EvalConfig.from_dict(evaluation.to_dict()) == evaluation
