@@ -487,11 +487,18 @@ class _Loop:
         self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
         self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
         # After the plan: it holds the reference's head, which outlives a dropped frozen copy.
+        # Only the rows the remaining steps read: a capped (max_steps) or resumed run reads
+        # fewer than the whole set, and the cache would pay for the others up front.
+        done = int(state["step"]) if state is not None else 0
+        steps = step_batches(
+            self.examples, self.config.batch_size, self.total_steps, self.config.seed
+        )
+        upcoming = itertools.chain.from_iterable(itertools.islice(steps, done, None))
         self.reference, self.reference_model = cached_reference(
             self.reference,
             self.reference_model,
             self.policy,
-            [*self.examples, *self.validation],
+            [*upcoming, *self.validation],
             self.pad_id,
             self.config,
             self.plan,

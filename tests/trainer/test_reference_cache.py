@@ -13,7 +13,7 @@ import torch
 
 import trainer.train as train_module
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, count_forwards, quick_config
-from trainer.data import collate, encode_examples, pad_token_id
+from trainer.data import collate, encode_examples, pad_token_id, step_batches
 from trainer.forward import outputs
 from trainer.reference_cache import CachedReference, cache_bytes
 from trainer.train import TrainResult, fine_tune
@@ -127,3 +127,25 @@ def test_full_finetuning_with_the_cache_drops_the_frozen_copy_and_its_forwards(
     assert alive == [False, False]
     # Two micro-batches of 4 in step 2, each one policy forward: no reference forward.
     assert per_step[1] - per_step[0] == 2
+
+
+def test_a_capped_run_caches_only_the_rows_its_steps_read(
+    tiny_model: Any, tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached: list[list[Any]] = []
+    real_cached_reference = train_module.cached_reference
+
+    def capture(reference: Any, model: Any, policy: Any, examples: Any, *rest: Any) -> Any:
+        cached.append(list(examples))
+        return real_cached_reference(reference, model, policy, examples, *rest)
+
+    monkeypatch.setattr(train_module, "cached_reference", capture)
+    config = quick_config(max_steps=1)  # one step of 8 out of an epoch of 16
+    examples = encode_examples(SAMPLES[:16], FLAGS[:16], tiny_tokenizer, PROMPTS)
+    (first_step,) = step_batches(examples, 8, 1, config.seed)
+    fine_tune(
+        copy.deepcopy(tiny_model), tiny_tokenizer, SAMPLES[:16], FLAGS[:16], PROMPTS, config,
+        tmp_path,
+    )  # fmt: skip
+    assert [e.input_ids for e in cached[0]] == [e.input_ids for e in first_step]
+    assert any(e.kl_flag for e in first_step)
