@@ -107,6 +107,7 @@ from trainer.config import (
 )
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.forward import forward_plan
+from trainer.reference_cache import CachedReference
 from trainer.train import _optimizer_step, _prepare, adamw, cached_reference
 from worker.model_loader import load_model
 from worker.prompts import RolePrompts
@@ -286,7 +287,10 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             plans["fused"],
         )  # fmt: skip
         cache_s = time.perf_counter() - started
-        cache_bytes = float(getattr(reference, "nbytes", 0))
+        if not isinstance(reference, CachedReference):
+            # Else the memory model would count a dropped copy that is still there.
+            raise SystemExit("the trainer keeps the live reference for this setup")
+        cache_bytes = float(reference.nbytes)
         gc.collect()  # full fine-tuning's frozen copy, but for its head
     policy.train()
 
@@ -373,7 +377,11 @@ def main() -> None:
     parser.add_argument(
         "--model", default=None, help="packaged name, HF id or path (default: the bundled one)"
     )
-    parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated: fused,unfused")
+    parser.add_argument(
+        "--losses",
+        default=None,
+        help="comma-separated: fused,unfused (default: fused with --reference cached, else both)",
+    )
     parser.add_argument("--role", default="John Doe")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -405,8 +413,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if args.reference == "cached" and args.losses == ",".join(LOSSES):
-        args.losses = "fused"  # the cache serves the fused loss alone
+    if args.losses is None:
+        # The cache serves the fused loss alone.
+        args.losses = "fused" if args.reference == "cached" else ",".join(LOSSES)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
