@@ -193,14 +193,21 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss's backward runs once (no retain_graph)")
         grad_hidden, grad_weight, grad_bias = ctx.grads
+        # The buffers become the gradients, scaled in place: kept on ctx (which the loss's
+        # graph holds until the step drops it) or copied, a full fine-tuning head's [V, H]
+        # gradient would exist twice until the end of the backward, where the step peaks.
+        ctx.grads = None
         scale = grad_total
 
         def scaled(g: torch.Tensor | None, like_dtype: torch.dtype | None) -> Any:
             if g is None:
                 return None
-            out = g * scale.to(g.dtype)
-            return out if like_dtype is None else out.to(like_dtype)
+            if not bool(scale == 1):  # the usual case: a pass over [V, H] saved
+                g.mul_(scale.to(g.dtype))
+            return g if like_dtype is None else g.to(like_dtype)
 
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (

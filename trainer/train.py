@@ -44,7 +44,7 @@ from trainer.data import (
     select_kl_subset,
     step_batches,
 )
-from trainer.forward import ForwardPlan, forward_plan, outputs
+from trainer.forward import ForwardPlan, forward_plan, outputs, sparse_tied_embedding_gradient
 from trainer.fused_loss import fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
 from trainer.ranks import Ranks
@@ -106,13 +106,16 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def _prepare(
-    model: Any, config: TrainConfig, base_model_name: str | None
+    model: Any, config: TrainConfig, base_model_name: str | None, world: int = 1
 ) -> tuple[Any, ReferenceLogits, Any | None]:
     """The policy to train, a function returning the reference's outputs (under no_grad), and
-    the model whose head projects them (None when there is no KL term)."""
+    the model whose head projects them (None when there is no KL term); ``world`` processes
+    will train it."""
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     if config.lora is None:
+        if world == 1:
+            sparse_tied_embedding_gradient(model)
         if config.method == "sft" or config.lambda_kl == 0:
             # No KL term, so no reference forward: a frozen copy would only take memory.
             def no_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
@@ -671,7 +674,7 @@ def fine_tune(
     ranks = Ranks(accelerator)
     if accelerator is not None:
         model.to(accelerator.device)  # before the frozen reference of full fine-tuning is copied
-    policy, reference, reference_model = _prepare(model, config, name)
+    policy, reference, reference_model = _prepare(model, config, name, ranks.world)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")

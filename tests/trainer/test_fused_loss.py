@@ -139,6 +139,24 @@ def test_fused_loss_and_gradients_equal_the_unfused_ones(
     assert_same(case, unfused, fused, rtol=1e-10, atol=1e-12)
 
 
+def test_the_backward_scales_its_buffers_and_keeps_none_of_them() -> None:
+    """The chunks' gradient buffers become the gradients: scaled by the upstream gradient,
+    and no longer held by the loss's graph (which the step keeps until its end, so a full
+    fine-tuning head's [V, H] gradient would exist twice). A second backward is refused
+    rather than handed buffers already given away."""
+    for scale in (-2.5, 0.0):
+        case = make_case(torch.float64, full=True, bias=True)
+        unfused, fused = both(case, lam=0.5)
+        want = torch.autograd.grad(unfused.total * scale, leaves(case))
+        got = torch.autograd.grad(fused.total * scale, leaves(case), retain_graph=True)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        node: Any = fused.total.grad_fn  # the function's ctx
+        assert node is not None and node.grads is None
+        with pytest.raises(RuntimeError, match="runs once"):
+            torch.autograd.grad(fused.total, leaves(case))
+
+
 @pytest.mark.parametrize("normalization", ["sample_tokens", "response_tokens"])
 def test_fused_loss_keeps_the_step_denominators(normalization: str) -> None:
     """Gradient accumulation passes the whole step's counts: the fused loss uses them too."""
