@@ -210,9 +210,9 @@ def shortest_two(samples: list[Sample]) -> tuple[tuple[str, str], tuple[str, str
     return pairs[0], pairs[1]
 
 
-@pytest.mark.slow
 def test_multi_turn_matches_turn_by_turn_reference(
-    bundled_model: LoadedModel,
+    tiny_model: Any,
+    bundled_tokenizer: Any,
     sarft_prompts: RolePrompts,
     rolebench_rows: list[Sample],
     tmp_path: Path,
@@ -244,7 +244,8 @@ def test_multi_turn_matches_turn_by_turn_reference(
     assert [m.scored for m in parsed.messages] == [False, False, False, True]
     context_only = Sample(1, parsed.line, parsed.messages, parsed.raw)  # distinct index
 
-    model, tokenizer = bundled_model.model, bundled_model.tokenizer
+    # The tiny random model over the bundled tokenizer: its chat template, with a system role.
+    model, tokenizer = tiny_model, bundled_tokenizer
     expected: dict[tuple[int, Condition], tuple[float, int]] = {}
     for index, scored in ((0, (True, True)), (1, (False, True))):
         turns = [(q1, a1, scored[0]), (q2, a2, scored[1])]
@@ -274,13 +275,14 @@ def test_multi_turn_matches_turn_by_turn_reference(
 # --- 3. truncation -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_long_answer_is_cut_to_128_tokens(
-    bundled_model: LoadedModel,
+    tiny_model: Any,
+    bundled_tokenizer: Any,
     sarft_prompts: RolePrompts,
     rolebench_rows: list[Sample],
 ) -> None:
-    model, tokenizer = bundled_model.model, bundled_model.tokenizer
+    # The tiny random model over the bundled tokenizer: its chat template, with a system role.
+    model, tokenizer = tiny_model, bundled_tokenizer
     question, _ = question_answer(rolebench_rows[0])
     long_answer = " ".join(question_answer(s)[1] for s in rolebench_rows[:4])
     assert len(tokenize(tokenizer, long_answer + tokenizer.eos_token)) > 128
@@ -315,13 +317,14 @@ def test_long_answer_is_cut_to_128_tokens(
             assert abs(lp.mean - expected[c]) <= TOL, (reuse_prefix, c, lp.mean, expected[c])
 
 
-@pytest.mark.slow
 def test_short_prompt_limit_keeps_first_prompt_tokens(
-    bundled_model: LoadedModel,
+    tiny_model: Any,
+    bundled_tokenizer: Any,
     sarft_prompts: RolePrompts,
     rolebench_rows: list[Sample],
 ) -> None:
-    model, tokenizer = bundled_model.model, bundled_model.tokenizer
+    # The tiny random model over the bundled tokenizer: its chat template, with a system role.
+    model, tokenizer = tiny_model, bundled_tokenizer
     config = EncodingConfig(max_prompt_tokens=40)
     samples = rolebench_rows[:3]
     encoder = ChatEncoder(tokenizer, sarft_prompts, config)
