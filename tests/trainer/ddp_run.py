@@ -3,8 +3,12 @@
 config: the tiny random Llama of tests/conftest.py trained by ``fine_tune`` with an
 ``accelerate.Accelerator``; the main process saves the trained parameters and the history.
 
-With ``resume``, the processes then train again in the same directory without its final
-checkpoint, so that they resume after the one before (``resumed-*`` files)."""
+    ddp_run.py OUT CASE[,CASE...] [resume]
+
+Each case (tests/trainer/data_parallel_case.py) runs in ``OUT/<case>``, one after the other
+in the same processes: a launch costs more than a tiny model's run. With ``resume``, the
+processes then train again in the same directory without its final checkpoint, so that they
+resume after the one before (``resumed-*`` files)."""
 
 from __future__ import annotations
 
@@ -48,8 +52,14 @@ def _keep(accelerator: Any, result: TrainResult, out_dir: Path, prefix: str) -> 
     accelerator.wait_for_everyone()
 
 
-def main(out_dir: Path, case: str, resume: bool) -> None:
+def main(out_dir: Path, cases: list[str], resume: bool) -> None:
     accelerator = Accelerator(cpu=True)
+    for case in cases:
+        run_case(accelerator, out_dir / case, case, resume)
+
+
+def run_case(accelerator: Any, out_dir: Path, case: str, resume: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, config = build(case)
     result = run(model, tokenizer, config, out_dir / "run", accelerator=accelerator)
     _keep(accelerator, result, out_dir, "")
@@ -68,4 +78,4 @@ def main(out_dir: Path, case: str, resume: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:] == ["resume"])
+    main(Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:] == ["resume"])

@@ -54,12 +54,17 @@ def saved_weights(out: Path, lora: bool) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
 
+CASES = ("lora", "full")
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-@pytest.mark.parametrize("case", ["lora", "full"])
-def test_fsdp_processes_take_the_steps_of_one(case: str, stage: str, tmp_path: Path) -> None:
-    model, tokenizer, config = build(case)
-    single = run(model, tokenizer, config, tmp_path / "single")
-    assert single.total_steps == 4 and single.history[-1]["kl"] > 0
+def test_fsdp_processes_take_the_steps_of_one(stage: str, tmp_path: Path) -> None:
+    """LoRA and full fine-tuning, one after the other in one launch per stage."""
+    singles = {}
+    for case in CASES:
+        model, tokenizer, config = build(case)
+        singles[case] = run(model, tokenizer, config, tmp_path / case / "single")
+        assert singles[case].total_steps == 4 and singles[case].history[-1]["kl"] > 0
 
     # ZeRO-3 shares ZeRO-2's gathering and loading code: its launch skips the resumed run (the
     # one-process resume below still loads its checkpoint) to keep the test short.
@@ -68,39 +73,43 @@ def test_fsdp_processes_take_the_steps_of_one(case: str, stage: str, tmp_path: P
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
         "--num_processes", "2", "--main_process_port", str(free_port()),
-        str(HERE / "ddp_run.py"), str(tmp_path), case, *([] if zero3 else ["resume"]),
+        str(HERE / "ddp_run.py"), str(tmp_path), ",".join(CASES), *([] if zero3 else ["resume"]),
     ]  # fmt: skip
     # One thread per process: two processes share the two cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    for case, single in singles.items():
+        check_sharded_run(case, single, tmp_path / case, zero3)
 
+
+def check_sharded_run(case: str, single: Any, out: Path, zero3: bool) -> None:
     # The second process kept only its shards: about half of every parameter.
-    held = json.loads((tmp_path / "held.json").read_text())
+    held = json.loads((out / "held.json").read_text())
     assert held["dtensors"] == held["params"] and held["local"] <= held["whole"] / 2 + 1000
 
     expected = {n: p for n, p in single.model.named_parameters() if p.requires_grad}
-    close_histories(json.loads((tmp_path / "history.json").read_text()), single.history)
-    close_weights(torch.load(tmp_path / "trained.pt"), expected)
+    close_histories(json.loads((out / "history.json").read_text()), single.history)
+    close_weights(torch.load(out / "trained.pt"), expected)
     # What the main process saved from the gathered shards: the adapter (or model) files.
     lora = case == "lora"
-    close_weights(saved_weights(tmp_path / "run", lora), saved_weights(tmp_path / "single", lora))
-    steps = [c.step for c in checkpoints.list_checkpoints(tmp_path / "run")]
-    assert steps == [c.step for c in checkpoints.list_checkpoints(tmp_path / "single")] == [2, 4]
+    close_weights(saved_weights(out / "run", lora), saved_weights(out / "single", lora))
+    steps = [c.step for c in checkpoints.list_checkpoints(out / "run")]
+    assert steps == [c.step for c in checkpoints.list_checkpoints(out / "single")] == [2, 4]
 
     if zero3:
-        source = checkpoints.step_dir(tmp_path / "run", 2)
+        source = checkpoints.step_dir(out / "run", 2)
     else:
         # Resumed after step 2 (gathered weights and optimizer state), the processes end where
         # the uninterrupted run ended.
-        assert json.loads((tmp_path / "resumed-resumed_from.json").read_text()) == 2
-        history = json.loads((tmp_path / "resumed-history.json").read_text())
+        assert json.loads((out / "resumed-resumed_from.json").read_text()) == 2
+        history = json.loads((out / "resumed-history.json").read_text())
         close_histories(history, single.history)
-        close_weights(torch.load(tmp_path / "resumed-trained.pt"), expected)
-        source = tmp_path / "checkpoints-before-resume" / "step-000002"
+        close_weights(torch.load(out / "resumed-trained.pt"), expected)
+        source = out / "checkpoints-before-resume" / "step-000002"
 
     # The checkpoint of the sharded run resumes in one process as well.
-    cross = tmp_path / "cross"
+    cross = out / "cross"
     shutil.copytree(source, checkpoints.step_dir(cross, 2))
     model, tokenizer, config = build(case)
     resumed = run(model, tokenizer, config, cross, resume=True)
