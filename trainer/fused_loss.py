@@ -201,11 +201,12 @@ class _FusedHeadLoss(torch.autograd.Function):
         # gradient would exist twice until the end of the backward, where the step peaks.
         ctx.grads = None
         scale = grad_total
+        unit = bool(scale == 1)  # the usual case: a pass over [V, H] saved
 
         def scaled(g: torch.Tensor | None, like_dtype: torch.dtype | None) -> Any:
             if g is None:
                 return None
-            if not bool(scale == 1):  # the usual case: a pass over [V, H] saved
+            if not unit:
                 g.mul_(scale.to(g.dtype))
             return g if like_dtype is None else g.to(like_dtype)
 
