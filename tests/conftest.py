@@ -235,8 +235,9 @@ TINY_SHAPE: dict[str, Any] = {
 }
 
 
-def build_tiny_model(tokenizer: Any) -> Any:
-    """A tiny random Llama in fp32 over ``tokenizer``'s vocabulary, the same on every call.
+def build_tiny_model(tokenizer: Any, tie_word_embeddings: bool = False) -> Any:
+    """A tiny random Llama in fp32 over ``tokenizer``'s vocabulary, the same on every call;
+    with ``tie_word_embeddings`` its head is its input embedding (as SmolLM2's).
 
     A larger init range than the default makes its outputs depend visibly on the context,
     so a wrong position or a stale cache shows up well above the test tolerances.
@@ -244,7 +245,7 @@ def build_tiny_model(tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        **TINY_SHAPE,
+        **{**TINY_SHAPE, "tie_word_embeddings": tie_word_embeddings},
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,

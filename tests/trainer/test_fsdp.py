@@ -191,13 +191,10 @@ def test_one_process_is_not_sharded() -> None:
 
 
 def test_gathered_weights_keep_tied_parameters_tied(tiny_tokenizer: Any) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import TINY_SHAPE
+    from tests.conftest import build_tiny_model
     from trainer.ranks import _load_assigned, _meta_skeleton
 
-    shape = {**TINY_SHAPE, "tie_word_embeddings": True}
-    model = LlamaForCausalLM(LlamaConfig(**shape, vocab_size=len(tiny_tokenizer)))
+    model = build_tiny_model(tiny_tokenizer, tie_word_embeddings=True)
     skeleton = _meta_skeleton(model)
     assert all(p.is_meta for p in skeleton.parameters())
     state = model.state_dict()

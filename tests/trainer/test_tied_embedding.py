@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainer.train as train_module
-from tests.conftest import TINY_SHAPE
+from tests.conftest import build_tiny_model
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
 from trainer.data import collate, encode_examples, pad_token_id
 from trainer.forward import sparse_tied_embedding_gradient
@@ -19,17 +19,9 @@ from trainer.train import TrainResult, fine_tune
 
 
 def tied_model(tokenizer: Any) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **{**TINY_SHAPE, "tie_word_embeddings": True},
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(4321)
-    model: Any = LlamaForCausalLM(config)
+    model = build_tiny_model(tokenizer, tie_word_embeddings=True)
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    return model.float()
+    return model
 
 
 def test_only_a_trained_embedding_tied_to_the_head_is_switched(
