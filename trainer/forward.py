@@ -130,13 +130,14 @@ def forward_plan(policy: Any, reference_model: Any | None, fused: bool) -> Forwa
 
 
 def sparse_tied_embedding_gradient(model: Any) -> bool:
-    """Have a trained input embedding that shares its weight with the LM head (Qwen2.5,
-    SmolLM2) send the backward a sparse gradient: the rows of the batch's tokens instead of
-    a dense [V, H] tensor. Autograd sums a shared parameter's gradients before it stores
-    them; the head's, dense and first, then takes the embedding's rows in place, so the
-    dense [V, H] copy that would otherwise be allocated at the very end of the backward,
-    when every other gradient already exists, never is (519 MiB for Qwen2.5's 151,936 x 896
-    in float32). The sum is the same up to the order of float additions.
+    """Have a trained input embedding that shares its weight with the LM head (SmolLM2, and
+    Qwen2.5 as published; the packaged Qwen GGUF loads untied) send the backward a sparse
+    gradient: the rows of the batch's tokens instead of a dense [V, H] tensor. Autograd
+    sums a shared parameter's gradients before it stores them; the head's, dense and first,
+    then takes the embedding's rows in place, so the dense [V, H] copy that would otherwise
+    be allocated at the very end of the backward, when every other gradient already exists,
+    never is (108 MiB for SmolLM2's 49,152 x 576 in float32, 519 MiB at Qwen2.5's 151,936 x
+    896). The sum is the same up to the order of float additions.
 
     Only for one process: DDP and FSDP expect a sparse-mode embedding's gradient to arrive
     sparse, and this one arrives dense. Without the tie the embedding's gradient alone would

@@ -1,4 +1,4 @@
-"""Full fine-tuning of a model whose input embedding is its LM head (Qwen2.5, SmolLM2): the
+"""Full fine-tuning of a model whose input embedding is its LM head (as SmolLM2's): the
 embedding's gradient is handed over sparse, so no second dense [V, H] tensor is made."""
 
 from __future__ import annotations
