@@ -26,11 +26,9 @@ install-qwen: install
 demo: install-qwen
 	bash examples/demo.sh
 
-# Two phases: the suite on two pytest-xdist workers (each with its share of the cores, see
-# tests/conftest.py), then the tests marked exclusive (they restart Postgres) alone.
+# Two pytest-xdist workers, each with its share of the cores (see tests/conftest.py).
 test: install
-	$(BIN)/pytest tests -q --durations=10 -n 2 --dist worksteal -m "not exclusive"
-	$(BIN)/pytest tests -q --durations=5 -m exclusive
+	$(BIN)/pytest tests -q --durations=10 -n 2 --dist worksteal
 
 test-fast: install
 	$(BIN)/pytest tests -q -m "not slow"

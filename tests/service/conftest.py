@@ -72,7 +72,7 @@ def service_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             else:
                 os.environ[key] = value
         clear_caches()
-        # A fresh connection: an outage test restarts Postgres, which ends long-lived ones.
+        # A fresh connection: the session-long ones may have been closed by then.
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
