@@ -92,11 +92,17 @@ def state_bytes(
     full: bool,
     weight_bytes: int = 4,
     reference_cache: float | None = None,
+    optimizer_in_backward: bool = False,
 ) -> float:
     """Gradients and AdamW moments of the trainable parameters; the reference copy if full.
     With ``reference_cache`` (its bytes, :mod:`trainer.reference_cache`) the cache replaces the
-    reference copy but for its head, which full fine-tuning keeps."""
-    state = trainable * 12.0
+    reference copy but for its head, which full fine-tuning keeps. With
+    ``optimizer_in_backward`` (:class:`trainer.optimizers.AdamWInBackward`) one gradient at a
+    time: the largest, the head's in full fine-tuning (the adapters' are negligible)."""
+    if optimizer_in_backward:
+        state = trainable * 8.0 + (shape.vocab * shape.hidden * 4.0 if full else 0.0)
+    else:
+        state = trainable * 12.0
     if reference_cache is None:
         return state + (shape.params * weight_bytes if full else 0.0)
     return state + (shape.vocab * shape.hidden * weight_bytes if full else 0.0) + reference_cache
@@ -142,16 +148,20 @@ def step_peak_bytes(
     weight_bytes: int = 4,
     reference_cache: float | None = None,
     checkpointing: bool = False,
+    optimizer_in_backward: bool = False,
 ) -> float:
     """The largest micro-batch's activations and head on top of the training state (see
-    :func:`state_bytes` for ``reference_cache``, :func:`activation_bytes` for
-    ``checkpointing``)."""
+    :func:`state_bytes` for ``reference_cache`` and ``optimizer_in_backward``,
+    :func:`activation_bytes` for ``checkpointing``)."""
     transient = max(
         activation_bytes(shape, mb, act_bytes, checkpointing=checkpointing)
         + head_bytes(shape, mb, fused, act_bytes)
         for mb in micro_batches
     )
-    return state_bytes(shape, trainable, full, weight_bytes, reference_cache) + transient
+    state = state_bytes(
+        shape, trainable, full, weight_bytes, reference_cache, optimizer_in_backward
+    )
+    return state + transient
 
 
 def _llama3_8b_bytes(

@@ -3,7 +3,8 @@
     python bench/training.py [--model NAME] [--batch-size 8] [--micro-batch-size 4] [--reps 3] \
         [--dtype float32|bfloat16] [--modes lora,full] [--losses fused,unfused] \
         [--kl-positions all|response] [--chunk-rows N] [--threads N] \
-        [--reference cached|live] [--gradient-checkpointing] [--json bench/results/training.json]
+        [--reference cached|live] [--gradient-checkpointing] [--optimizer-in-backward] \
+        [--json bench/results/training.json]
 
 Both methods train --model (default: the bundled SmolLM2-135M-Instruct; e.g.
 qwen2.5-coder-0.5b-instruct) on the same batch, with each loss implementation: "fused"
@@ -34,7 +35,9 @@ one-epoch run (the authors' protocol) reads each cached row once, "epoch x sft" 
 whole pass to one `sarft` step: (step + cache) / sft step. "live" runs the reference forward
 in every `sarft` step, the path before the cache, and takes either loss.
 --gradient-checkpointing runs both methods with `TrainConfig.gradient_checkpointing` (each
-decoder block recomputed in the backward), the memory model likewise.
+decoder block recomputed in the backward), the memory model likewise; --optimizer-in-backward
+with `TrainConfig.optimizer_in_backward` (AdamW run by the backward, no clipping, one
+micro-batch per step).
 The median is reported, with the CPU seconds the process used per wall second ("CPU/wall"): below
 --threads, other processes held the cores and the times are not this machine's best. Under
 such contention several torch threads wait for each other at every operation, which slows
@@ -107,8 +110,9 @@ from trainer.config import (
 )
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.forward import forward_plan
+from trainer.optimizers import AdamWInBackward, adamw
 from trainer.reference_cache import CachedReference
-from trainer.train import _optimizer_step, _prepare, adamw, cached_reference
+from trainer.train import _optimizer_step, _prepare, cached_reference
 from worker.model_loader import load_model
 from worker.prompts import RolePrompts
 
@@ -140,6 +144,7 @@ class Job:
     chunk_rows: int | None = None
     reference: str = "cached"
     checkpointing: bool = False
+    in_backward: bool = False
 
 
 def bench_flags(n: int) -> list[bool]:
@@ -158,6 +163,8 @@ def build_config(job: Job, method: Method) -> TrainConfig:
         dtype=job.dtype,
         kl_positions=job.kl_positions,
         gradient_checkpointing=job.checkpointing,
+        optimizer_in_backward=job.in_backward,
+        max_grad_norm=None if job.in_backward else TrainConfig.max_grad_norm,
         lora=LoraSettings() if job.mode == "lora" else None,
     )
 
@@ -266,7 +273,11 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     # One policy serves both methods: they differ only in the batch's flags.
     policy, reference, reference_model = _prepare(model, configs["sarft"], None)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = adamw(params, LEARNING_RATES[job.mode], 0.0)
+    optimizer: torch.optim.Optimizer
+    if job.in_backward:
+        optimizer = AdamWInBackward(params, LEARNING_RATES[job.mode], 0.0)
+    else:
+        optimizer = adamw(params, LEARNING_RATES[job.mode], 0.0)
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
     plans = {
         loss: replace(
@@ -360,9 +371,11 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
                     act_bytes,
                     reference_cache=cache_bytes,
                     checkpointing=job.checkpointing,
+                    optimizer_in_backward=job.in_backward,
                 )
                 / MIB,
                 "reference": job.reference,
+                "optimizer_in_backward": job.in_backward,
                 "cache_s": cache_s,
                 "cache_mib": None if cache_bytes is None else cache_bytes / MIB,
             }
@@ -411,6 +424,12 @@ def main() -> None:
         help="both methods with TrainConfig.gradient_checkpointing (blocks recomputed in the "
         "backward)",
     )
+    parser.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="both methods with TrainConfig.optimizer_in_backward (AdamW in the backward, no "
+        "clipping; --micro-batch-size must equal --batch-size)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.losses is None:
@@ -428,6 +447,8 @@ def main() -> None:
         parser.error("--reps must be >= 1")
     if args.batch_size % args.micro_batch_size:
         parser.error("--batch-size must be a multiple of --micro-batch-size")
+    if args.optimizer_in_backward and args.micro_batch_size != args.batch_size:
+        parser.error("--optimizer-in-backward takes --micro-batch-size equal to --batch-size")
     torch.set_num_threads(args.threads)  # the matmul peak too
 
     peak_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -436,6 +457,7 @@ def main() -> None:
         f"{args.role}: batch {args.batch_size} (micro {args.micro_batch_size}), half flagged, "
         f"{args.dtype}, KL positions {args.kl_positions}, reference {args.reference}, "
         f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"AdamW {'in the backward' if args.optimizer_in_backward else 'after the backward'}, "
         f"{torch.get_num_threads()} threads; "
         f"matmul peak {peak:.1f} GFLOP/s"
     )
@@ -458,6 +480,7 @@ def main() -> None:
             args.chunk_rows,
             args.reference,
             args.gradient_checkpointing,
+            args.optimizer_in_backward,
         )
         # A fresh process per mode: LoRA wraps the model in place, and the memory baseline
         # must not include an earlier mode's leftovers.

@@ -109,8 +109,9 @@ class TrainConfig:
     """Fraction of the optimizer steps spent warming up (rounded up to whole steps)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, applied to every trainable parameter."""
-    max_grad_norm: float = 1.0
-    """Gradients are clipped to this global L2 norm before each optimizer step."""
+    max_grad_norm: float | None = 1.0
+    """Gradients are clipped to this global L2 norm before each optimizer step; None: no
+    clipping (the norm is still reported)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps even if epochs remain; None runs every epoch."""
     max_prompt_tokens: int = 512
@@ -143,6 +144,13 @@ class TrainConfig:
     ``activation_checkpointing_enable``): the same loss and gradients for about one more forward
     of the body per step, and most of the activations off the peak. Off by default, as the
     authors train; on where activations, not weights, bound the batch."""
+    optimizer_in_backward: bool = False
+    """Run AdamW inside the backward, each parameter updated as soon as its gradient is complete
+    and that gradient freed (:class:`trainer.optimizers.AdamWInBackward`): the whole model's
+    gradients never exist at once, 4 bytes per trainable parameter off the peak of full
+    fine-tuning. The update is AdamW's without clipping, so it needs ``max_grad_norm`` None, one
+    backward per step (``micro_batch_size`` equal to ``batch_size``) and one process. Off by
+    default: the authors clip to 1.0."""
     lora: LoraSettings | None = field(default_factory=LoraSettings)
     """LoRA settings, or None for full fine-tuning (which keeps a frozen copy of the model as the
     KL reference, doubling weight memory; with LoRA the reference is the same model with the
@@ -165,8 +173,21 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be a multiple of "
                 f"micro_batch_size ({self.micro_batch_size})"
             )
-        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ValueError("learning_rate and max_grad_norm must be > 0, weight_decay >= 0")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0, weight_decay >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError("max_grad_norm must be > 0 (or None: no clipping)")
+        if self.optimizer_in_backward:
+            if self.max_grad_norm is not None:
+                raise ValueError(
+                    "optimizer_in_backward cannot clip (the global gradient norm is known only "
+                    "after the backward has stepped): set max_grad_norm to None"
+                )
+            if self.micro_batch_size != self.batch_size:
+                raise ValueError(
+                    "optimizer_in_backward steps in the one backward of a step: set "
+                    f"micro_batch_size to batch_size ({self.batch_size})"
+                )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError("warmup_ratio must be in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:

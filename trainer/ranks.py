@@ -216,10 +216,14 @@ class Ranks:
             return nullcontext()
         return self._acc.no_sync(model)
 
-    def clip_grad_norm(self, params: Iterable[torch.Tensor], max_norm: float) -> float:
-        """Clip the step's gradients to ``max_norm``; the norm over the whole gradient (under
-        FSDP the shards' norms are combined across the processes)."""
-        norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    def clip_grad_norm(self, params: Iterable[torch.Tensor], max_norm: float | None) -> float:
+        """Clip the step's gradients to ``max_norm`` (None: leave them); the norm over the
+        whole gradient (under FSDP the shards' norms are combined across the processes)."""
+        params = list(params)
+        if max_norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if self._fsdp is not None:
             from torch.distributed.tensor import DTensor
 

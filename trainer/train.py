@@ -47,6 +47,7 @@ from trainer.data import (
 from trainer.forward import ForwardPlan, forward_plan, outputs, sparse_tied_embedding_gradient
 from trainer.fused_loss import fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
+from trainer.optimizers import AdamWInBackward, adamw
 from trainer.ranks import Ranks
 from trainer.reference_cache import CachedReference
 from worker.formats import Sample
@@ -357,8 +358,11 @@ def _optimizer_step(
             values = (parts.total, parts.ce, parts.kl)
             totals = [t + v.item() for t, v in zip(totals, values, strict=True)]
     loss, ce, kl = ranks.sum(totals)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    grad_norm = ranks.clip_grad_norm(params, config.max_grad_norm)
+    if isinstance(optimizer, AdamWInBackward):
+        grad_norm = optimizer.take_grad_norm()  # the backward has stepped and freed the grads
+    else:
+        params = [p for p in policy.parameters() if p.requires_grad]
+        grad_norm = ranks.clip_grad_norm(params, config.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -391,25 +395,17 @@ def _save(
     return None, model_dir
 
 
-def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused where torch has the kernel: the same update as the default multi-tensor
-    one up to float rounding, without its temporaries (each a copy of every parameter; on
-    SmolLM2's full fine-tuning the step's peak was 513 MiB lower) and several times faster.
-    Sharded (DTensor) or other tensor subclasses keep the multi-tensor path."""
-    fused = all(
-        type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
-        for p in params
-    )
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
 def _optimizer(
     policy: Any, config: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer = adamw(params, config.learning_rate, config.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if config.optimizer_in_backward:
+        optimizer = AdamWInBackward(params, config.learning_rate, config.weight_decay)
+    else:
+        optimizer = adamw(params, config.learning_rate, config.weight_decay)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
@@ -672,6 +668,11 @@ def fine_tune(
     )
     name = base_model_name or getattr(model, "name_or_path", None) or None
     ranks = Ranks(accelerator)
+    if config.optimizer_in_backward and ranks.world > 1:
+        raise ValueError(
+            "optimizer_in_backward runs in one process: DDP and FSDP reduce the gradients "
+            "after the backward, where it has already stepped"
+        )
     if accelerator is not None:
         model.to(accelerator.device)  # before the frozen reference of full fine-tuning is copied
     policy, reference, reference_model = _prepare(model, config, name, ranks.world)
@@ -705,7 +706,11 @@ def fine_tune(
             # The host may not have recorded it: the last process could die right after it.
             on_checkpoint(last, [])
     metrics_path = out_dir / "metrics.jsonl"
-    stopped = loop.run(metrics_path)
+    try:
+        stopped = loop.run(metrics_path)
+    finally:
+        if isinstance(loop.optimizer, AdamWInBackward):
+            loop.optimizer.close()  # the returned model's later backwards update nothing
     policy.eval()
     adapter_dir = model_dir = None
     if not stopped:

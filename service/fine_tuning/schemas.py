@@ -84,7 +84,11 @@ class Hyperparameters(BaseModel):
     lr_scheduler: Scheduler = _TRAIN.lr_scheduler
     warmup_ratio: float = Field(default=_TRAIN.warmup_ratio, ge=0, lt=1)
     weight_decay: float = Field(default=_TRAIN.weight_decay, ge=0)
-    max_grad_norm: float = Field(default=_TRAIN.max_grad_norm, gt=0)
+    max_grad_norm: float | None = Field(
+        default=_TRAIN.max_grad_norm,
+        gt=0,
+        description="Clip the gradients to this global L2 norm; null: no clipping.",
+    )
     max_prompt_tokens: int | None = Field(
         default=None, ge=1, le=32768, description=f"Default and only value: {_SCORING_TRUNCATION}"
     )
@@ -107,6 +111,12 @@ class Hyperparameters(BaseModel):
         default=_TRAIN.gradient_checkpointing,
         description="Recompute each decoder block in the backward instead of keeping its "
         "activations: the same result, less memory, about one more forward per step.",
+    )
+    optimizer_in_backward: bool = Field(
+        default=_TRAIN.optimizer_in_backward,
+        description="Update each parameter in the backward as soon as its gradient is "
+        "complete, and free it: less memory for full fine-tuning. Needs max_grad_norm null and "
+        "one micro-batch per step (micro_batch_size, by default, the batch).",
     )
     lora: LoraIn | None = Field(
         default_factory=LoraIn, description="LoRA settings; null for full fine-tuning."

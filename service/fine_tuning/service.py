@@ -60,11 +60,23 @@ def train_config(
                 f"truncation, got {given}",
                 param=f"hyperparameters.{name}",
             )
+    if hp.optimizer_in_backward and (processes := get_settings().training_processes) > 1:
+        raise Unprocessable(
+            f"optimizer_in_backward runs in one process; this server trains in {processes}",
+            param="hyperparameters.optimizer_in_backward",
+        )
     lora = None if hp.lora is None else LoraSettings(**hp.lora.model_dump())
     rate = hp.learning_rate or default_learning_rate(lora is not None)
-    # The default micro-batch divides the batch (a batch of 6 runs as 2 x 3, not 4 + 2).
-    micro = hp.micro_batch_size or max(
-        d for d in range(1, min(_DEFAULT_MICRO_BATCH, hp.batch_size) + 1) if hp.batch_size % d == 0
+    # The default micro-batch divides the batch (a batch of 6 runs as 2 x 3, not 4 + 2); an
+    # optimizer stepped in the backward takes the whole batch in one.
+    micro = hp.micro_batch_size or (
+        hp.batch_size
+        if hp.optimizer_in_backward
+        else max(
+            d
+            for d in range(1, min(_DEFAULT_MICRO_BATCH, hp.batch_size) + 1)
+            if hp.batch_size % d == 0
+        )
     )
     # The request's names are the trainer's (``lambda`` is the alias of ``lambda_kl``).
     derived = {"lora", "learning_rate", "micro_batch_size", *_TRUNCATION}

@@ -141,6 +141,7 @@ def test_scoring_job_checks(
         ({"method": "dpo"}, "method"),
         ({"hyperparameters": {"batch_size": 6, "micro_batch_size": 4}}, "multiple"),
         ({"hyperparameters": {"lambda": -1}}, "lambda"),
+        ({"hyperparameters": {"optimizer_in_backward": True}}, "max_grad_norm"),
         ({"hyperparameters": {"lora": {"r": 0}}}, "r"),
         ({"hyperparameters": {"bogus": 1}}, "bogus"),
         ({"evaluation": {"safety_sets": [{"name": "nowhere"}]}}, "nowhere"),

@@ -82,6 +82,31 @@ def test_an_empty_request_gives_the_trainers_configs() -> None:
     assert EvalConfig.from_dict(evaluation.to_dict()) == evaluation
 
 
+def test_an_optimizer_in_the_backward_takes_the_batch_in_one_micro_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.core.config import get_settings
+
+    hp = Hyperparameters(batch_size=6, lora=None, optimizer_in_backward=True, max_grad_norm=None)
+    config = train_config("sarft", hp)
+    assert config.optimizer_in_backward and config.micro_batch_size == 6
+    assert config.max_grad_norm is None
+    for bad, needle in (
+        ({"max_grad_norm": 1.0}, "set max_grad_norm to None"),
+        ({"micro_batch_size": 3}, "set micro_batch_size to batch_size"),
+    ):
+        with pytest.raises(Unprocessable, match=needle):
+            train_config("sarft", hp.model_copy(update=bad))
+    monkeypatch.setenv("SARFT_TRAINING_PROCESSES", "2")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(Unprocessable, match="one process; this server trains in 2"):
+            train_config("sarft", hp)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 def test_truncation_is_the_scoring_jobs() -> None:
     """The flags belong to the scoring encoding: a request may repeat it, not change it."""
     scoring = EncodingConfig(max_prompt_tokens=300, max_response_tokens=64)
