@@ -110,7 +110,7 @@ from trainer.config import (
 )
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.forward import forward_plan
-from trainer.optimizers import AdamWInBackward, adamw
+from trainer.optimizers import build_adamw
 from trainer.reference_cache import CachedReference
 from trainer.train import _optimizer_step, _prepare, cached_reference
 from worker.model_loader import load_model
@@ -273,11 +273,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
     # One policy serves both methods: they differ only in the batch's flags.
     policy, reference, reference_model = _prepare(model, configs["sarft"], None)
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
-    if job.in_backward:
-        optimizer = AdamWInBackward(params, LEARNING_RATES[job.mode], 0.0)
-    else:
-        optimizer = adamw(params, LEARNING_RATES[job.mode], 0.0)
+    optimizer = build_adamw(params, LEARNING_RATES[job.mode], 0.0, job.in_backward)
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
     plans = {
         loss: replace(

@@ -109,3 +109,13 @@ class AdamWInBackward(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def build_adamw(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, in_backward: bool = False
+) -> torch.optim.Optimizer:
+    """:func:`adamw`, or with ``in_backward`` :class:`AdamWInBackward` (what
+    ``TrainConfig.optimizer_in_backward`` asks for)."""
+    if in_backward:
+        return AdamWInBackward(params, lr, weight_decay)
+    return adamw(params, lr, weight_decay)

@@ -47,7 +47,7 @@ from trainer.data import (
 from trainer.forward import ForwardPlan, forward_plan, outputs, sparse_tied_embedding_gradient
 from trainer.fused_loss import fused_sarft_loss
 from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
-from trainer.optimizers import AdamWInBackward, adamw
+from trainer.optimizers import AdamWInBackward, build_adamw
 from trainer.ranks import Ranks
 from trainer.reference_cache import CachedReference
 from worker.formats import Sample
@@ -401,11 +401,9 @@ def _optimizer(
     params = [p for p in policy.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    optimizer: torch.optim.Optimizer
-    if config.optimizer_in_backward:
-        optimizer = AdamWInBackward(params, config.learning_rate, config.weight_decay)
-    else:
-        optimizer = adamw(params, config.learning_rate, config.weight_decay)
+    optimizer = build_adamw(
+        params, config.learning_rate, config.weight_decay, config.optimizer_in_backward
+    )
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
