@@ -41,7 +41,6 @@ class AdamWInBackward(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float):
         params = list(params)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self._params = params
         self._each = [adamw([p], lr, weight_decay) for p in params]
         self._squares: list[torch.Tensor] = []
         self._handles = [
@@ -76,7 +75,7 @@ class AdamWInBackward(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         group = {**self._each[0].param_groups[0], **self.param_groups[0]}
-        group["params"] = list(range(len(self._params)))
+        group["params"] = list(range(len(self._each)))
         state = {}
         for i, each in enumerate(self._each):
             if saved := each.state_dict()["state"]:  # none before the parameter's first update
@@ -85,16 +84,16 @@ class AdamWInBackward(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         (group,) = state_dict["param_groups"]
-        if len(group["params"]) != len(self._params):
+        if len(group["params"]) != len(self._each):
             raise ValueError(
                 f"the state holds {len(group['params'])} parameters, this optimizer "
-                f"{len(self._params)}"
+                f"{len(self._each)}"
             )
         settings = {k: v for k, v in group.items() if k != "params"}
         self.param_groups[0].update(
             {k: v for k, v in settings.items() if k in self.param_groups[0] or k == "initial_lr"}
         )
-        for i, (index, each) in enumerate(zip(group["params"], self._each, strict=True)):
+        for index, each in zip(group["params"], self._each, strict=True):
             saved = state_dict["state"].get(index)
             each.load_state_dict(
                 {
@@ -102,7 +101,6 @@ class AdamWInBackward(torch.optim.Optimizer):
                     "param_groups": [{**settings, "params": [0]}],
                 }
             )
-            assert each.param_groups[0]["params"][0] is self._params[i]
 
     def close(self) -> None:
         """Remove the hooks: later backwards leave the parameters alone."""
