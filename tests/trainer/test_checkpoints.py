@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
+from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, in_backward, quick_config
 from trainer import checkpoints
 from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import LoraSettings, TrainConfig
@@ -44,6 +44,21 @@ def trained_state(result: TrainResult) -> dict[str, torch.Tensor]:
     }
 
 
+def assert_same_steps(
+    want: TrainResult, got: TrainResult, rel: float, abs_tol: float, weights_atol: float
+) -> None:
+    """Two runs that should take the same steps by different code paths: every step's loss,
+    CE, KL, gradient norm (and validation metrics, where there are some) to ``rel``/``abs_tol``,
+    the trained weights to ``weights_atol``."""
+    for before, after in zip(want.history, got.history, strict=True):
+        validation = [k for k in ("valid_loss", "valid_kl") if k in before]
+        for key in ("loss", "ce", "kl", "grad_norm", *validation):
+            assert after[key] == pytest.approx(before[key], rel=rel, abs=abs_tol), key
+    weights = dict(got.model.named_parameters())
+    for name, param in want.model.named_parameters():
+        torch.testing.assert_close(weights[name], param, rtol=0, atol=weights_atol, msg=name)
+
+
 def assert_same_run(resumed: TrainResult, clean: TrainResult) -> None:
     losses = [(h["step"], h["loss"], h.get("valid_loss")) for h in resumed.history]
     assert losses == [(h["step"], h["loss"], h.get("valid_loss")) for h in clean.history]
@@ -59,8 +74,10 @@ def assert_same_run(resumed: TrainResult, clean: TrainResult) -> None:
         # Dropout makes the run depend on the RNG state the checkpoint restores.
         quick_config(batch_size=4, n_epochs=2, lora=LoraSettings(r=8, alpha=16, dropout=0.1)),
         quick_config(batch_size=4, n_epochs=2, lora=None, learning_rate=1e-3),
+        # AdamW in the backward: its state goes through AdamW's checkpoint layout.
+        in_backward(),
     ],
-    ids=["lora", "full"],
+    ids=["lora", "full", "full-in-backward"],
 )
 def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(
     tiny_model: Any, tiny_tokenizer: Any, tmp_path: Path, config: TrainConfig

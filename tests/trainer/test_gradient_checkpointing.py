@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.trainer.test_checkpoints import assert_same_steps
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
 from trainer.train import TrainResult, enable_checkpointing, fine_tune
 
@@ -49,12 +50,7 @@ def test_checkpointing_recomputes_the_blocks_and_takes_the_same_steps(
     # block runs once more in each backward.
     assert forwards == {False: 4, True: 8}
     assert plain.final["kl"] > 0
-    for before, after in zip(plain.history, checkpointed.history, strict=True):
-        for key in ("loss", "ce", "kl", "grad_norm"):
-            assert after[key] == pytest.approx(before[key], rel=1e-6, abs=1e-9), key
-    weights = dict(checkpointed.model.named_parameters())
-    for name, param in plain.model.named_parameters():
-        torch.testing.assert_close(weights[name], param, rtol=0, atol=1e-6, msg=name)
+    assert_same_steps(plain, checkpointed, rel=1e-6, abs_tol=1e-9, weights_atol=1e-6)
 
 
 def test_a_model_without_checkpointing_is_refused() -> None:

@@ -1,5 +1,6 @@
 """AdamW stepped inside the backward: the steps of AdamW without clipping, with at most one
-parameter holding a gradient at any time, and checkpoints in AdamW's own layout."""
+parameter holding a gradient at any time, and checkpoints in AdamW's own layout (a resumed
+run is in test_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,11 @@ import torch
 
 import trainer.train as train_module
 from tests.conftest import build_tiny_model
-from tests.trainer.test_checkpoints import assert_same_run, run
-from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
-from trainer import checkpoints
-from trainer.config import LoraSettings, TrainConfig
+from tests.trainer.test_checkpoints import assert_same_steps, run
+from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, in_backward, quick_config
+from trainer.config import LoraSettings
 from trainer.data import collate, encode_examples, pad_token_id
 from trainer.optimizers import AdamWInBackward, adamw
-
-
-def in_backward(**overrides: Any) -> TrainConfig:
-    settings: dict[str, Any] = {
-        "batch_size": 4,
-        "micro_batch_size": 4,
-        "n_epochs": 2,
-        "max_grad_norm": None,
-        "optimizer_in_backward": True,
-        "lora": None,
-        "learning_rate": 1e-3,
-        # A rate that moves every step: the updates in the backward read the scheduler's.
-        "lr_scheduler": "linear",
-        "warmup_ratio": 0.2,
-    }
-    return quick_config(**{**settings, **overrides})
 
 
 @pytest.mark.parametrize(
@@ -61,13 +45,7 @@ def test_training_takes_the_steps_of_adamw_without_clipping(
     }
     stepped, plain = runs[True], runs[False]
     assert plain.steps == stepped.steps == 6 and plain.final["kl"] > 0
-    for want, got in zip(plain.history, stepped.history, strict=True):
-        for key in ("loss", "ce", "kl", "grad_norm", "valid_loss", "valid_kl"):
-            if key in want:
-                assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
-    weights = dict(stepped.model.named_parameters())
-    for name, param in plain.model.named_parameters():
-        torch.testing.assert_close(weights[name], param, rtol=0, atol=1e-6, msg=name)
+    assert_same_steps(plain, stepped, rel=1e-6, abs_tol=1e-9, weights_atol=1e-6)
 
 
 def test_at_most_one_parameter_holds_a_gradient_during_the_backward(
@@ -114,9 +92,8 @@ def test_at_most_one_parameter_holds_a_gradient_during_the_backward(
     assert held[False][-1] == len(held[False])
 
 
-def test_its_state_is_adamws_and_a_resumed_run_ends_as_the_uninterrupted_one(
-    tiny_model: Any, tiny_tokenizer: Any, tmp_path: Path
-) -> None:
+def test_its_state_is_adamws() -> None:
+    """The layout checkpoints store (a resumed run: test_checkpoints.py's full-in-backward)."""
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     stepped, plain = AdamWInBackward(params, 1e-2, 0.1), adamw(twins, 1e-2, 0.1)
@@ -136,19 +113,6 @@ def test_its_state_is_adamws_and_a_resumed_run_ends_as_the_uninterrupted_one(
     assert loaded.state_dict()["param_groups"] == theirs["param_groups"]
     with pytest.raises(ValueError, match="holds 2 parameters, this optimizer 1"):
         AdamWInBackward(params[:1], 1e-2, 0.0).load_state_dict(theirs)
-
-    config = in_backward()
-    clean = run(tiny_model, tiny_tokenizer, tmp_path / "clean", config)
-    out = tmp_path / "killed"
-    steps: list[dict[str, float]] = []
-    first = run(
-        tiny_model, tiny_tokenizer, out, config,
-        on_step=steps.append, should_stop=lambda: len(steps) == 3,
-    )  # fmt: skip
-    assert first.stopped and [c.step for c in checkpoints.list_checkpoints(out)] == [2]
-    resumed = run(tiny_model, tiny_tokenizer, out, config, resume=True)
-    assert resumed.resumed_from == 2
-    assert_same_run(resumed, clean)
 
 
 def test_it_needs_no_clipping_and_one_micro_batch_per_step() -> None:

@@ -12,6 +12,7 @@ import torch
 
 import trainer.train as train_module
 from tests.conftest import build_tiny_model
+from tests.trainer.test_checkpoints import assert_same_steps
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
 from trainer.data import collate, encode_examples, pad_token_id
 from trainer.forward import sparse_tied_embedding_gradient
@@ -126,10 +127,4 @@ def test_full_finetuning_of_a_tied_model_takes_the_dense_mode_steps(
         assert model.get_input_embeddings().sparse is sparse
     dense, sparse_run = runs[False], runs[True]
     assert dense.steps == sparse_run.steps == 4 and dense.final["kl"] > 0
-    for before, after in zip(dense.history, sparse_run.history, strict=True):
-        for key in ("loss", "ce", "kl", "grad_norm", "valid_loss", "valid_kl"):
-            if key in before:
-                assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-8), key
-    weights = dict(sparse_run.model.named_parameters())
-    for name, param in dense.model.named_parameters():
-        torch.testing.assert_close(weights[name], param, rtol=0, atol=1e-5, msg=name)
+    assert_same_steps(dense, sparse_run, rel=1e-5, abs_tol=1e-8, weights_atol=1e-5)

@@ -88,6 +88,23 @@ def quick_config(**overrides: Any) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def in_backward(**overrides: Any) -> TrainConfig:
+    """Full fine-tuning with AdamW in the backward (no clipping, one micro-batch per step)."""
+    settings: dict[str, Any] = {
+        "batch_size": 4,
+        "micro_batch_size": 4,
+        "n_epochs": 2,
+        "max_grad_norm": None,
+        "optimizer_in_backward": True,
+        "lora": None,
+        "learning_rate": 1e-3,
+        # A rate that moves every step: the updates in the backward read the scheduler's.
+        "lr_scheduler": "linear",
+        "warmup_ratio": 0.2,
+    }
+    return quick_config(**{**settings, **overrides})
+
+
 def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     examples = encode_examples(SAMPLES[:3], [0, 0, 0], tokenizer, PROMPTS)
     batch = collate(examples, pad_token_id(tokenizer))
