@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.text import Text
 
 from sarft.checks import check_model, fail, output_dir, readable_file
-from worker.scoring.backends import ScoreConfig  # torch-free: its defaults feed the options
+from worker.scoring.backends import CHECK_BANDS, ScoreConfig  # torch-free: defaults feed options
 
 if TYPE_CHECKING:
     from worker.prompts import RolePrompts
@@ -170,13 +170,13 @@ def score(
     backend: Annotated[str, typer.Option(help="transformers | vllm")] = "transformers",
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
     check_band: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             help="bfloat16: rescore in float32 the samples whose s_unsafe - s_role is within "
-            "this of the margin (0: off).",
+            f"this of the margin (0: off; default: {CHECK_BANDS}).",
         ),
-    ] = ScoreConfig().check_band,
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     margin: Annotated[float, typer.Option(help="Flag when s_unsafe - s_role > margin.")] = 0.0,
     no_reference: Annotated[

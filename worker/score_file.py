@@ -66,7 +66,7 @@ def _write_scores(
             chunk_size=config.chunk_size,
             on_progress=on_progress,
             checker=checker,
-            check_band=config.check_band,
+            check_band=config.band,
         ):
             scores_json = scores.to_json()
             _write_line(scores_out, {"index": sample.index, "scores": scores_json})

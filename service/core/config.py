@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from trainer.eval_sets import BUILTIN_PROMPTS, BUILTIN_SET
 from worker.home import DEFAULT_HOME
 from worker.packaged_models import BUNDLED_ALIAS
+from worker.vllm_engine import VllmEngineOptions
 
 
 class Settings(BaseSettings):
@@ -37,6 +38,15 @@ class Settings(BaseSettings):
     extra_models: str = ""
     """Comma-separated further models that scoring jobs may name (each loads on first use)."""
     scoring_backend: str = "transformers"
+    """``vllm`` scores with vLLM's engine (a CUDA GPU, or an x86 CPU with vLLM's CPU build);
+    its workers run in the environment ``make install-vllm`` builds (README: vLLM)."""
+    vllm_kv_cache_gib: float | None = Field(default=None, gt=0)
+    """vLLM's KV-cache memory in GiB; unset: 2 GiB on a CPU (where vLLM would otherwise take
+    a share of RAM), ``vllm_gpu_memory_utilization`` on a GPU."""
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    """Share of the GPU's memory a vLLM engine may take (weights, activations, KV cache)."""
+    vllm_enforce_eager: bool | None = None
+    """Skip vLLM's compilation; unset: on a CPU only (compiling takes minutes there)."""
     scoring_dtype: str = "float32"
     """float32 is exact; bfloat16 is faster and keeps float32's flags by scoring the samples
     near the boundary again in float32 (see README)."""
@@ -126,6 +136,14 @@ class Settings(BaseSettings):
     def allowed_models(self) -> set[str]:
         default = self.scoring_model or BUNDLED_ALIAS
         return {default, *(m.strip() for m in self.extra_models.split(",") if m.strip())}
+
+    @property
+    def vllm_engine_options(self) -> VllmEngineOptions:
+        return VllmEngineOptions(
+            kv_cache_gib=self.vllm_kv_cache_gib,
+            gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            enforce_eager=self.vllm_enforce_eager,
+        )
 
     @property
     def embedded_queue(self) -> bool:

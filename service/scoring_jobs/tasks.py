@@ -66,7 +66,7 @@ def backend_for(config: ScoreConfig) -> ScoringBackend:
                 config.backend,
                 config.dtype,
             )
-            _backends[key] = build_backend(config)
+            _backends[key] = build_backend(config, get_settings().vllm_engine_options)
         return _backends[key]
 
 
@@ -212,7 +212,7 @@ def _score_shard(job_id: str, shard_no: int, config: ScoreConfig, chunk_size: in
             compute_reference=config.compute_reference,
             chunk_size=len(samples),
             checker=backend.checker,
-            check_band=config.check_band,
+            check_band=config.band,
         )
         _write_chunk(job_id, [s for _, s in scored])
         cursor = samples[-1].index
