@@ -11,7 +11,9 @@ Three things make it fast without changing a single log-probability:
   a cache-sized slice of the vocabulary at a time (``output_projection``).
 
 On CPU, Llama-family models run through ``fused_llama`` (wider matmuls, fewer
-temporaries), after a start-up check that it reproduces the module path.
+temporaries). Every path is checked at start-up against a plain forward of the whole
+sequence (``path_checks``): a fast path that disagrees is dropped, and a scorer left with no
+path that agrees raises ``ScoringPathError`` rather than score with wrong numbers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
@@ -28,42 +29,27 @@ import torch
 from transformers import DynamicCache
 
 from worker.encoding import EncodedSequence, Prefix, _common_prefix_len
-from worker.scoring import fused_llama
 from worker.scoring.base import ResponseLogprob
 from worker.scoring.fused_llama import FusedLlama, Segment
 from worker.scoring.output_projection import (
     _shifted_logprobs as _shifted_logprobs,  # re-exported: the tests check it from here
 )
 from worker.scoring.output_projection import apply_softcap, label_logprobs
+from worker.scoring.path_checks import Paths, check_paths, parameter_signature
 from worker.scoring.prefix_attention import (
     ATTENTION_NAME,
     SharedPrefix,
     attention_implementation,
 )
-from worker.scoring.prefix_attention import register as register_prefix_attention
 
 log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class _Paths:
-    """Which fast paths reproduce a model's own forward, from the start-up checks."""
-
-    direct_projection: bool
-    shared_prefix_attention: bool
-    fused: FusedLlama | None
-    signature: tuple[int, ...]
-
-
 # Keyed by the loaded model; a model whose parameters were replaced since (moved to
 # another dtype or device, say) has another signature and is checked again.
-_PATHS: weakref.WeakKeyDictionary[Any, _Paths] = weakref.WeakKeyDictionary()
-
-
-def _signature(model: Any) -> tuple[int, ...]:
-    return tuple(p.data_ptr() for p in model.parameters())
+_PATHS: weakref.WeakKeyDictionary[Any, Paths] = weakref.WeakKeyDictionary()
 
 
 def _needed_len(seq: EncodedSequence) -> int:
@@ -88,7 +74,11 @@ class TransformersScorer:
         run in the model's dtype. Off by default: on 96 RoleBench rows it kept no more fp32
         flags than the bf16 head (95.8% with SmolLM2-135M, 96.9% against 97.9% with
         Qwen2.5-Coder-0.5B) and cost 25-35% of bf16's speed; the float32 check of the samples
-        near the boundary is what keeps the flags (``ScoreConfig.check_band``)."""
+        near the boundary is what keeps the flags (``ScoreConfig.check_band``).
+
+        Raises ``path_checks.ScoringPathError`` where no path this scorer would use
+        reproduces a plain forward of the model (a transformers release it was not
+        written for)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = model
@@ -103,9 +93,10 @@ class TransformersScorer:
         self.shared_prefix_attention = False
         self.fused: FusedLlama | None = None  # the checks below run on the module path
         paths = _PATHS.get(model)
-        if paths is None or paths.signature != _signature(model):
-            paths = self._check_paths()
+        if paths is None or paths.signature != parameter_signature(model):
+            paths = check_paths(self)
             _PATHS[model] = paths
+        paths.require(model, reuse_prefix=reuse_prefix)
         self.direct_projection = paths.direct_projection
         self.shared_prefix_attention = reuse_prefix and paths.shared_prefix_attention
         self.fused = paths.fused
@@ -115,17 +106,6 @@ class TransformersScorer:
         if fp32_head and weight.dtype != torch.float32:
             self.head_weight = weight.detach().float()
             self.head_bias = None if bias is None else bias.detach().float()
-
-    def _check_paths(self) -> _Paths:
-        """Run the start-up checks: once per loaded model, since each runs several forwards."""
-        direct = self._projection_matches_model()
-        cpu = self.device.type == "cpu"
-        self.shared_prefix_attention = cpu and self._prefix_attention_matches()
-        fused = None
-        if cpu and direct and fused_llama.supports(self.model):
-            fused = self._fused_forward()
-        # After fusing: the model's projections now point into the fused weights.
-        return _Paths(direct, self.shared_prefix_attention, fused, _signature(self.model))
 
     # -- public -----------------------------------------------------------
     @torch.inference_mode()
@@ -310,80 +290,3 @@ class TransformersScorer:
                 )
         past = self._cache_from(kv, start, ids.shape[0]) if kv is not None else None
         return module(input_ids=ids, cache=past, position_ids=positions, use_cache=past is not None)
-
-    @torch.inference_mode()
-    def _projection_matches_model(self) -> bool:
-        """Check once that lm_head(decoder(x)) is what the model's forward returns.
-
-        Some architectures scale or post-process logits in their forward; those
-        take the slower full-forward path rather than silently drifting.
-        """
-        ids = torch.arange(3, 11, device=self.device)[None]
-        full = self.model(input_ids=ids).logits.float()
-        direct = self._project(self.decoder(input_ids=ids).last_hidden_state)
-        ok = bool(torch.allclose(full, direct, rtol=1e-3, atol=1e-3))
-        if not ok:
-            log.warning("output projection differs from the model's forward; using full logits")
-        return ok
-
-    @torch.inference_mode()
-    def _prefix_attention_matches(self) -> bool:
-        """Check once that shared-prefix attention equals the plain cache path here.
-
-        It relies on the model routing attention through transformers' attention
-        interface; a model that does not (or adds sliding windows, soft-capping)
-        keeps the plain path.
-        """
-        register_prefix_attention()
-        suffix, positions, kv = self._check_inputs()
-        self.shared_prefix_attention = False
-        plain = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
-        try:
-            self.shared_prefix_attention = True
-            fast = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
-        except Exception as exc:  # an architecture this path does not support
-            log.warning("shared-prefix attention unavailable (%s); using the cache path", exc)
-            return False
-        finally:
-            self.shared_prefix_attention = False
-        error = _relative_error(fast, plain)
-        if error > _tolerance(plain.dtype):
-            log.warning("shared-prefix attention differs (%.2g); using the cache path", error)
-        return error <= _tolerance(plain.dtype)
-
-    @torch.inference_mode()
-    def _fused_forward(self) -> FusedLlama | None:
-        """The lean Llama forward, if it reproduces the module path on this model."""
-        suffix, positions, kv = self._check_inputs()
-        plain = self._run(self.decoder, suffix, positions, kv, 12).last_hidden_state
-        whole = self.decoder(input_ids=suffix).last_hidden_state
-        try:
-            fused = FusedLlama(self.model)
-            rows = positions.expand(2, -1)
-            fast = fused.forward(suffix, rows, [Segment(0, 2, SharedPrefix(kv, 12))])
-            fast_whole = fused.forward(suffix, rows - 12, [Segment(0, 2, None)])
-        except Exception as exc:  # a layer this forward does not know
-            log.warning("fused forward unavailable (%s); using the module path", exc)
-            return None
-        error = max(_relative_error(fast, plain), _relative_error(fast_whole, whole))
-        if error > _tolerance(plain.dtype):
-            log.warning("fused forward differs (%.2g); using the module path", error)
-            return None
-        return fused
-
-    def _check_inputs(self) -> tuple[torch.Tensor, torch.Tensor, KV]:
-        """Two 5-token rows at positions 12..16 after a cached 12-token prefix."""
-        prefix_ids = tuple(range(3, 15))
-        kv = self._kv_for(Prefix(key="\0self-check", token_ids=prefix_ids))
-        self._prefix_kv.pop("\0self-check")
-        suffix = torch.arange(20, 30, device=self.device).reshape(2, 5)
-        positions = torch.arange(12, 17, device=self.device)[None]
-        return suffix, positions, kv
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype == torch.float32 else 2e-2
-
-
-def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
