@@ -134,8 +134,7 @@ def worker(
     """Run an RQ worker until stopped: scoring loads its model once; training loads the job's
     model per job (training changes the weights)."""
     from redis import Redis
-    from redis.exceptions import RedisError
-    from rq import Queue, SimpleWorker
+    from rq import Queue
     from rq.serializers import JSONSerializer
 
     from service.core.config import get_settings
@@ -163,6 +162,20 @@ def worker(
     queues = [
         Queue(settings.queue_prefix + q, connection=redis, serializer=JSONSerializer) for q in queue
     ]
+    try:
+        _serve(queues, redis, burst)
+    finally:
+        if SCORING_QUEUE in queue:
+            from service.scoring_jobs.tasks import close_backends
+
+            close_backends()  # a vLLM engine's processes would hold the exit up
+
+
+def _serve(queues: list[Any], redis: Any, burst: bool) -> None:
+    from redis.exceptions import RedisError
+    from rq import SimpleWorker
+    from rq.serializers import JSONSerializer
+
     while True:
         # SimpleWorker runs jobs in this process, where the model is already loaded
         # (a forking worker would reload it, and CUDA does not survive a fork).

@@ -9,14 +9,20 @@ it (README, "vLLM"). What differs between the two is settled here once:
   that runs anything else, so a CPU engine reserves a fixed ``kv_cache_gib`` instead.
 - Compilation: on a CPU, compiling the model (torch.compile) takes minutes at every start for
   little gain on small batches; ``enforce_eager`` is the CPU default.
-- The engine runs its model in a spawned process: a script that builds one needs an
-  ``if __name__ == "__main__":`` guard.
+- The engine runs its model in spawned processes: a script that builds one needs an
+  ``if __name__ == "__main__":`` guard. vLLM stops them when the engine is shut down, but not
+  when the process that owns the engine is killed (SIGKILL, the OOM killer): they would go on
+  holding the KV cache, and on a GPU its memory, so the next worker could not start. A small
+  watchdog process kills them once their owner is gone.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +151,52 @@ def build_llm(
         enable_lora=enable_lora,
     )
     log.info("starting vLLM %s on %s: %s", vllm_version(), vllm_device(), kwargs)
-    return LLM(**kwargs)
+    before = _children()
+    llm = LLM(**kwargs)
+    _kill_when_orphaned(sorted(_children() - before))
+    return llm
+
+
+def _children() -> set[int]:
+    import psutil  # a dependency of vLLM
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+# Polls its parent (the engine's owner): once that has died the watchdog has been re-parented,
+# and it kills the engine's processes. It exits as soon as they are all gone (a clean shutdown),
+# so it never outlives them to kill a process that reuses one of their ids.
+_WATCHDOG = """
+import os, signal, sys, time
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+owner, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+while os.getppid() == owner:
+    pids = [p for p in pids if alive(p)]
+    if not pids:
+        sys.exit(0)
+    time.sleep(1)
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
+
+
+def _kill_when_orphaned(pids: list[int]) -> None:
+    if pids:
+        subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *map(str, pids)],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
 
 
 def shutdown_llm(llm: Any) -> None:

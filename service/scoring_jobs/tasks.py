@@ -70,6 +70,14 @@ def backend_for(config: ScoreConfig) -> ScoringBackend:
         return _backends[key]
 
 
+def close_backends() -> None:
+    """Release the loaded backends; a worker calls it as it exits."""
+    with _backend_lock:
+        for backend in _backends.values():
+            backend.close()
+        _backends.clear()
+
+
 def default_config() -> ScoreConfig:
     settings = get_settings()
     return ScoreConfig(

@@ -76,6 +76,12 @@ class ScoringBackend:
     checker: Scorer | None = None
     """An exact float32 scorer for the samples near the flag boundary (bfloat16 runs)."""
 
+    def close(self) -> None:
+        """Release what outlives a Python reference: a vLLM engine's processes."""
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
+
 
 def unknown_backend(backend: str) -> ValueError:
     return ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

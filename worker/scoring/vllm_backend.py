@@ -30,6 +30,7 @@ from worker.vllm_engine import (
     VllmEngineOptions,
     VllmUnavailableError,
     build_llm,
+    shutdown_llm,
     vllm_available,
 )
 
@@ -104,6 +105,10 @@ class VllmScorer:
                 on_scored(len(batch))
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the engine's processes (they would keep the interpreter from exiting)."""
+        shutdown_llm(self.llm)
 
     def _score_batch(self, batch: list[EncodedSequence]) -> list[ResponseLogprob]:
         if not self.reuse_prefix:
