@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from tests.vllm.conftest import TEST_ENGINE
+from tests.vllm.samples import max_mean_difference, multi_turn_and_truncated
 from worker.encoding import ChatEncoder, EncodedSequence
-from worker.formats import Message, Sample
+from worker.formats import Sample
 from worker.model_loader import LoadedModel
 from worker.prompts import Condition, RolePrompts
 from worker.scoring.backends import CHECK_BANDS
@@ -35,28 +36,6 @@ def engine(bundled_model_dir: Path) -> Iterator[Any]:
     llm = build_llm(str(bundled_model_dir), dtype="bfloat16", options=TEST_ENGINE)
     yield llm
     shutdown_llm(llm)
-
-
-def multi_turn_and_truncated(rows: list[Sample]) -> list[Sample]:
-    """The first rows as they are, then a two-turn sample (both answers scored) and one whose
-    answer exceeds 128 tokens, made of the last two rows' questions so that no sample starts
-    like another beyond the system prompt (which would let vLLM read a response from the
-    cache; test_a_response_read_from_the_cache_is_scored_again covers that)."""
-    plain, (first, second) = list(rows[:-2]), rows[-2:]
-    two_turns = Sample(
-        index=len(plain),
-        line=len(plain) + 1,
-        messages=(*first.messages, *second.messages),
-        raw={},
-    )
-    long_answer = " ".join(r.messages[1].content for r in rows[:6])
-    truncated = Sample(
-        index=len(plain) + 1,
-        line=len(plain) + 2,
-        messages=(second.messages[0], Message("assistant", long_answer)),
-        raw={},
-    )
-    return [*plain, two_turns, truncated]
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +61,14 @@ def float32_scores(
     return TransformersScorer(bundled_model.model).score(encoded)
 
 
-def max_mean_difference(got: list[ResponseLogprob], want: list[ResponseLogprob]) -> float:
-    assert [g.count for g in got] == [w.count for w in want]
-    return max(abs(g.mean - w.mean) for g, w in zip(got, want, strict=True))
-
-
 def test_vllm_matches_the_float32_engine_with_and_without_prefix_reuse(
     engine: Any, encoded: list[EncodedSequence], float32_scores: list[ResponseLogprob]
 ) -> None:
-    engine.reset_prefix_cache()
     reused = VllmScorer("", llm=engine, reuse_prefix=True)
     with_reuse = reused.score(encoded)
     # The system prompts were read from the cache, and no response position was.
     assert reused.cached_tokens > 0
     assert reused.rescored == 0
-    engine.reset_prefix_cache()
     without_reuse = VllmScorer("", llm=engine, reuse_prefix=False).score(encoded)
     assert max_mean_difference(with_reuse, float32_scores) < BF16_BOUND
     assert max_mean_difference(without_reuse, float32_scores) < BF16_BOUND
@@ -106,16 +78,19 @@ def test_vllm_matches_the_float32_engine_with_and_without_prefix_reuse(
 def test_a_response_read_from_the_cache_is_scored_again(
     engine: Any, encoded: list[EncodedSequence], float32_scores: list[ResponseLogprob]
 ) -> None:
-    """A second pass over the same sequences finds their whole blocks cached, responses
-    included: vLLM would return garbage for those positions, so each such sequence is scored
-    again without reading the cache."""
-    engine.reset_prefix_cache()
-    scorer = VllmScorer("", llm=engine, reuse_prefix=True)
-    scorer.score(encoded)
-    assert scorer.rescored == 0
-    again = scorer.score(encoded)
+    """The same sequences twice in one call, one generate call apart: the second time their
+    whole blocks, responses included, are cached. vLLM would return garbage for those
+    positions, so each such sequence is scored again without reading the cache."""
+    scorer = VllmScorer("", llm=engine, batch_sequences=len(encoded))
+    twice = scorer.score([*encoded, *encoded])
     assert scorer.rescored > len(encoded) // 2
+    first, again = twice[: len(encoded)], twice[len(encoded) :]
     assert max_mean_difference(again, float32_scores) < BF16_BOUND
+    assert max_mean_difference(first, float32_scores) < BF16_BOUND
+    # A later call starts from an empty cache: nothing of the earlier one is read.
+    scorer.rescored = 0
+    assert [r.mean for r in scorer.score(encoded)] == [r.mean for r in first]
+    assert scorer.rescored == 0
 
 
 def test_flags_equal_float32_with_the_float32_check_near_the_margin(

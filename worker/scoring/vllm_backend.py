@@ -10,12 +10,19 @@ for prompt logprobs, and so recomputes the system prompt of every sample. With
 ``reuse_prefix`` this scorer lets such requests read the cache
 (``skip_reading_prefix_cache=False``): it first runs each condition's prefix once (a cheap
 request without logprobs), so the prefix's whole KV blocks are cached before the samples that
-start with it are scheduled. vLLM does not compute logprobs for positions it read from the
-cache: those entries (and the first one after them) come back as garbage, while every later
-position is exact. A response token must therefore never fall in a cached block. The guard:
-vLLM reports ``num_cached_tokens`` per request; a sequence whose first response position is not
-beyond it (a duplicate sample, or a long shared first turn, may hit blocks past the system
-prompt) is scored again with cache reading off.
+start with it are scheduled. Each ``score`` call (a chunk of a job) starts from an empty
+cache, so its numbers do not depend on what the engine scored before.
+
+vLLM does not compute logprobs for positions it read from the cache: those entries (and the
+first one after them) come back as garbage, while every later position is exact. A response
+token must therefore never fall in a cached block. The guard: vLLM reports
+``num_cached_tokens`` per request; a sequence whose first response position is not beyond it
+(a duplicate sample, or a long shared first turn, may hit blocks past the system prompt) is
+scored again with cache reading off.
+
+vLLM's bf16 numbers depend on how a sequence is computed (one token's log-probability moved by
+0.01 between a run that read the system prompt from the cache and one that computed it); a
+chunk scored again the same way gives the same numbers.
 """
 
 from __future__ import annotations
@@ -95,9 +102,14 @@ class VllmScorer:
         on_scored: Callable[[int], None] | None = None,
     ) -> list[ResponseLogprob]:
         results: list[ResponseLogprob | None] = [None] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda i: sequences[i].prefix.key)
-        for begin in range(0, len(order), self.batch_sequences):
-            batch = order[begin : begin + self.batch_sequences]
+        if self.reuse_prefix:
+            # Each call starts from an empty cache: what an earlier call (another chunk, an
+            # earlier job on the same data) cached cannot be read, so a chunk's scores do not
+            # depend on what the engine scored before (a resumed job ends with a clean run's
+            # scores), and only this call's duplicates can reach a response block.
+            self.llm.reset_prefix_cache()
+        for begin in range(0, len(sequences), self.batch_sequences):
+            batch = list(range(begin, min(begin + self.batch_sequences, len(sequences))))
             scored = self._score_batch([sequences[i] for i in batch])
             for i, result in zip(batch, scored, strict=True):
                 results[i] = result
