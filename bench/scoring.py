@@ -2,6 +2,7 @@
 
     python bench/scoring.py --samples 48 --json bench/results/scoring.json
     python bench/scoring.py --model qwen2.5-coder-0.5b-instruct --role "John Doe" --samples 96
+    .venv-vllm/bin/python bench/scoring.py --backend vllm --samples 48   # adds the vLLM rows
 
 The bf16 engine runs twice: with the vocabulary projection and log-softmax in fp32 (an fp32
 copy of the output embedding) and all in bf16. A third bf16 row is the worker's bf16 mode:
@@ -18,6 +19,13 @@ positions only, and on CPU the fused Llama forward (worker/scoring/fused_llama.p
 Both compute all three conditions on the same token ids. The engine's one-time
 start-up checks (once per loaded model, as in a worker) fall in its warm-up;
 its prefix computations are timed.
+
+With ``--backend vllm`` (in the environment of ``make install-vllm``) three rows follow, from
+one vLLM engine in bfloat16 (bench/scoring_vllm.py): vLLM as the backend ran before prefix
+reuse, vLLM reading the shared system prompt from its prefix cache, and the latter with the
+float32 check of the samples within the vLLM band of the margin. vLLM projects onto the whole
+vocabulary at every position it runs, so its FLOPs are the naive ones less the cached
+positions.
 
 FLOPs count only the work a method needs: 2 x transformer-block parameters x
 tokens it runs, plus 2 x vocabulary x hidden size x positions it projects.
@@ -141,7 +149,13 @@ def main() -> None:
     parser.add_argument("--role", default="Jack Sparrow")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--check-band", type=float, default=ScoreConfig().check_band)
+    parser.add_argument("--check-band", type=float, default=ScoreConfig().band)
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="vllm: add the vLLM rows (needs the environment of make install-vllm)",
+    )
     parser.add_argument(
         "--model", default=None, help="packaged name, HF id or path (default: the bundled one)"
     )
@@ -218,6 +232,36 @@ def main() -> None:
         row("engine bf16, bf16 head", eng16h, eng16h_s, ef, peak16),
         row("engine bf16 + fp32 check", checked, checked_s, ef, peak16),
     ]
+    vllm: dict[str, Any] = {}
+    if args.backend == "vllm":
+        from bench.scoring_vllm import run_vllm, vllm_flops
+
+        vllm_band = ScoreConfig(backend="vllm").band
+        runs, startup_s = run_vllm(fp32.path, sequences)
+        for run in runs:
+            flops = vllm_flops(nf, run.cached_tokens, params, vocab, hidden)
+            rows.append(row(run.name, run.means, run.seconds, flops, peak16))
+        reused = runs[-1]
+        merged, check_s, vllm_checked = run_check(
+            model, sequences, reused.means, args.batch_size, vllm_band
+        )
+        flops = vllm_flops(nf, reused.cached_tokens, params, vocab, hidden)
+        seconds = reused.seconds + check_s
+        rows.append(row("vllm bf16, prefix reuse + fp32 check", merged, seconds, flops, peak16))
+        vllm = {
+            "startup_s": startup_s,
+            "check_band": vllm_band,
+            "rechecked_samples": vllm_checked,
+            "cached_tokens": reused.cached_tokens,
+            "tokens": sum(len(s.token_ids) for s in sequences),
+            "rescored_sequences": reused.rescored,
+            "speedup_reuse_vs_no_reuse": runs[0].seconds / reused.seconds,
+        }
+        print(
+            f"vLLM: engine start {startup_s:.0f} s; prefix reuse read {reused.cached_tokens} of "
+            f"{vllm['tokens']} prompt tokens from the cache ({reused.rescored} sequences "
+            f"rescored); its check sent {vllm_checked} of {n} samples within {vllm_band}"
+        )
     print(
         f"bf16 + fp32 check: {rechecked} of {n} samples within {args.check_band} of the "
         "boundary were scored again in fp32"
@@ -292,6 +336,7 @@ def main() -> None:
             "rechecked_samples": rechecked,
             "flag_agreement_checked_vs_engine_fp32": rows[4]["flag_agreement_engine_fp32"],
             "speedup_checked_vs_engine_fp32": rows[4]["speedup_vs_engine_fp32"],
+            "vllm": vllm,
         },
     )
 
