@@ -38,6 +38,8 @@ JudgeKind = Literal["phrases", "llm"]
 JUDGE_KINDS = ("phrases", "llm")
 EvalSetting = Literal["default", "in_character"]
 EVAL_SETTINGS: tuple[EvalSetting, ...] = ("default", "in_character")
+EvalBackend = Literal["transformers", "vllm"]
+EVAL_BACKENDS = ("transformers", "vllm")
 
 LORA_LEARNING_RATE = 1e-4
 FULL_FT_LEARNING_RATE = 2e-5  # the authors' rate for full fine-tuning
@@ -281,9 +283,17 @@ class EvalConfig:
     """How refusals are judged."""
     settings: tuple[EvalSetting, ...] = EVAL_SETTINGS
     """How the questions are asked: "default", the model's own chat with no system message (the
-    authors' evaluation); "in_character", under the role prompt. Each is run before and after."""
+    authors' evaluation); "in_character", under the role prompt. Each is run on the base model
+    and on the tuned one."""
+    backend: EvalBackend = "transformers"
+    """What generates the answers: "transformers", the training process's own model (the base
+    before training, the tuned one after); "vllm", vLLM's offline engine, started once training
+    has ended and its model is freed, in which the base and the tuned model are both evaluated
+    (a LoRA adapter served beside its base in one engine). It needs vLLM where the run trains
+    (README, "vLLM"); greedy answers agree with "transformers" up to bf16 rounding."""
 
     def __post_init__(self) -> None:
+        _check_choice("evaluation backend", self.backend, EVAL_BACKENDS)
         object.__setattr__(self, "settings", tuple(self.settings))
         if not self.settings or len(set(self.settings)) != len(self.settings):
             raise ValueError("settings must name at least one setting, each once")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -24,13 +24,28 @@ from worker.prompts import Condition, RolePrompts
 
 __all__ = [
     "EvalResult", "FidelityExample", "FidelityResult", "SafetyExample", "SafetyResult",
-    "evaluate_model", "evaluate_settings", "generate", "generate_ids", "question_and_reference",
-    "refusal_rate", "render_question", "rouge_l", "rouge_l_f1", "split_validation",
-    "wilson_interval",
+    "TokenGenerator", "evaluate_model", "evaluate_settings", "generate", "generate_ids",
+    "question_and_reference", "refusal_rate", "render_question", "rouge_l", "rouge_l_f1",
+    "split_validation", "wilson_interval",
 ]  # fmt: skip
 
 Progress = Callable[[int, int], None]
 """Called after each generated batch with (prompts done, prompts in total)."""
+
+
+@runtime_checkable
+class TokenGenerator(Protocol):
+    """An engine that stands in for the model everywhere in this module (vLLM's:
+    :mod:`trainer.vllm_generation`): it gets the prompts tokenized here, so both paths see the
+    same input, and returns each greedy answer's new token ids as :func:`generate_ids` does."""
+
+    def generate_ids(
+        self,
+        encoded: Sequence[list[int]],
+        max_new_tokens: int,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> list[list[int]]: ...
 
 
 class SafetyExample(NamedTuple):
@@ -161,7 +176,10 @@ def generate_ids(
     condition: Condition = Condition.ROLE,
     progress: Progress | None = None,
 ) -> list[list[int]]:
-    """The new token ids of each question's greedy answer, without padding (EOS kept)."""
+    """The new token ids of each question's greedy answer, without padding (EOS kept).
+
+    ``model`` is a transformers model or a :class:`TokenGenerator`.
+    """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be at least 1")
     if tokenizer.chat_template is None:
@@ -173,6 +191,8 @@ def generate_ids(
     encoded = _encode(
         tokenizer, None if prompts is None else prompts.system_text(condition), questions
     )
+    if isinstance(model, TokenGenerator):
+        return model.generate_ids(encoded, max_new_tokens, batch_size, progress)
     config = _greedy_config(model, max_new_tokens, pad_id, eos_id)
     device = next(model.parameters()).device
     # Similar lengths share a batch, so little compute goes to padding.

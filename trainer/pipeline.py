@@ -3,11 +3,14 @@ data and callbacks (:class:`trainer.progress.RunHooks`) and stores what it retur
 
 The steps: hold out a validation split, load the model, evaluate it (base), train with the SaRFT
 loss, evaluate the trained model, write the report and archive the adapter (or the weights) into
-``out_dir``. A run stopped by ``should_stop`` raises :class:`RunCancelled` and publishes nothing.
+``out_dir``. With the "vllm" evaluation backend both evaluations run after training, in vLLM
+(:mod:`trainer.vllm_generation`), once the training model is freed. A run stopped by
+``should_stop`` raises :class:`RunCancelled` and publishes nothing.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import time
@@ -15,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoints
+import torch
+
+from trainer import checkpoints, vllm_generation
 from trainer.artifacts import archive_name, write_archive
 from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import EvalConfig, JudgeSettings
@@ -39,8 +44,9 @@ from trainer.run_spec import (
 )
 from trainer.train import TrainResult, fine_tune
 from worker.formats import Sample
-from worker.model_loader import load_model
+from worker.model_loader import LoadedModel, load_model
 from worker.packaged_models import base_model_id
+from worker.vllm_engine import VllmEngineOptions
 
 VALIDATION_SEED = 0  # the held-out split depends only on the dataset size and this seed
 CANCEL_CHECK_S = 2.0  # how often evaluation asks should_stop (it may query a database)
@@ -56,6 +62,7 @@ def run_fine_tuning(
     checkpoint_settings: CheckpointSettings | None = None,
     resume: bool = False,
     accelerator: Any | None = None,
+    vllm_options: VllmEngineOptions | None = None,
 ) -> dict[str, Any]:
     """Run every step into ``out_dir``; return the run's summary.
 
@@ -66,9 +73,15 @@ def run_fine_tuning(
     With an ``accelerate.Accelerator`` of several processes, every process calls this: they
     train together (data parallel); the main one alone evaluates, reports and publishes, and
     the others return an empty summary once training ends. Only the main one's hooks matter.
+
+    ``vllm_options`` start the engine of the "vllm" evaluation backend (default:
+    ``VllmEngineOptions()``); without vLLM here such a run fails before it loads the model.
     """
     main = accelerator is None or accelerator.is_main_process
     hooks = hooks or RunHooks()
+    in_vllm = inputs.evaluation is not None and inputs.evaluation.backend == "vllm"
+    if in_vllm and main:
+        vllm_generation.require_vllm(inputs.config, vllm_options)
     train_samples, train_flags, validation, validation_flags = _split(inputs)
     if main and out_dir.exists() and not resume:
         shutil.rmtree(out_dir)  # an earlier attempt's partial files
@@ -83,9 +96,10 @@ def run_fine_tuning(
     if inputs.evaluation is not None and main:
         evaluator = _Evaluator(inputs, inputs.evaluation, resources or EvalResources(), validation)
         saved_base = out_dir / BASE_EVALUATION
+        base = None
         if resume and saved_base.is_file():
             base = json.loads(saved_base.read_text(encoding="utf-8"))
-        else:
+        elif not in_vllm:  # vLLM evaluates the base after training, beside the tuned model
             _enter(
                 hooks, Phase.EVALUATING_BASE, "evaluating the base model", **evaluator.describe()
             )
@@ -132,8 +146,11 @@ def run_fine_tuning(
     if not main:
         return {}
     if evaluator is not None and evaluation is not None:
-        _enter(hooks, Phase.EVALUATING_TUNED, "evaluating the fine-tuned model")
-        evaluation["tuned"] = evaluator.run(trained.model, loaded.tokenizer, "tuned", hooks)
+        if in_vllm:
+            _evaluate_in_vllm(evaluator, evaluation, loaded, trained, out_dir, hooks, vllm_options)
+        else:
+            _enter(hooks, Phase.EVALUATING_TUNED, "evaluating the fine-tuned model")
+            evaluation["tuned"] = evaluator.run(trained.model, loaded.tokenizer, "tuned", hooks)
 
     _enter(hooks, Phase.REPORTING, "writing the report and the archive")
     result = _summary(
@@ -190,6 +207,45 @@ def _enter(hooks: RunHooks, phase: Phase, message: str, **data: Any) -> None:
     hooks.on_phase(phase, message, data)
     if hooks.should_stop():
         raise RunCancelled
+
+
+def _evaluate_in_vllm(
+    evaluator: _Evaluator,
+    evaluation: EvaluationSection,
+    loaded: LoadedModel,
+    trained: TrainResult,
+    out_dir: Path,
+    hooks: RunHooks,
+    options: VllmEngineOptions | None,
+) -> None:
+    """Evaluate the base (unless a resumed run has it) and the tuned model in vLLM, storing the
+    base's evaluation as the transformers path does, for a later resume."""
+    # vLLM loads its own copy of the weights: the training copies (and their optimizer's
+    # leftovers) must be gone first, or a GPU holds both.
+    loaded.model = trained.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    def run(which: str, model: Any) -> None:
+        if which == "base":
+            _enter(hooks, Phase.EVALUATING_BASE, "evaluating the base model",
+                   **evaluator.describe())  # fmt: skip
+            evaluation["base"] = base = evaluator.run(model, loaded.tokenizer, which, hooks)
+            (out_dir / BASE_EVALUATION).write_text(json.dumps(base), encoding="utf-8")
+        else:
+            _enter(hooks, Phase.EVALUATING_TUNED, "evaluating the fine-tuned model")
+            evaluation["tuned"] = evaluator.run(model, loaded.tokenizer, which, hooks)
+
+    vllm_generation.evaluate_base_and_tuned(
+        run,
+        loaded.path,
+        loaded.tokenizer,
+        adapter_dir=trained.adapter_dir,
+        model_dir=trained.model_dir,
+        with_base=evaluation["base"] is None,
+        options=options,
+    )
 
 
 def _summary(
@@ -268,6 +324,7 @@ class _Evaluator:
             "prompts": sum(len(s) for s in self.sets),
             "validation": len(self.fidelity),
             "settings": list(self.plan.settings),
+            "backend": self.plan.backend,
         }
 
     def run(

@@ -18,6 +18,7 @@ from trainer.config import (
     LORA_LEARNING_RATE,
     CENormalization,
     DType,
+    EvalBackend,
     EvalConfig,
     EvalSetting,
     JudgeKind,
@@ -194,6 +195,12 @@ class EvaluationIn(BaseModel):
         max_length=len(EVAL_SETTINGS),
         description="default: the model's own chat with no system message (the authors'); "
         "in_character: under the role prompt. Each is run before and after training.",
+    )
+    backend: EvalBackend = Field(
+        default=_EVAL.backend,
+        description="transformers: the training process's model generates the answers; vllm: "
+        "vLLM's engine, after training, for the base and the tuned model (the training worker "
+        "needs vLLM installed, or the job fails saying what is missing).",
     )
 
 

@@ -118,6 +118,7 @@ def run_attempt(job_id: str, attempt: int, accelerator: Any | None = None) -> No
             # A later attempt continues from what the lost one left in its directory.
             resume=attempt > 1,
             accelerator=accelerator,
+            vllm_options=settings.vllm_engine_options,
         )
     except RunCancelled:
         log.info("fine-tuning job %s cancelled", job_id)

@@ -82,6 +82,16 @@ def test_an_empty_request_gives_the_trainers_configs() -> None:
     assert EvalConfig.from_dict(evaluation.to_dict()) == evaluation
 
 
+def test_the_evaluation_backend_reaches_the_trainer() -> None:
+    """The API takes vLLM on trust: the training worker checks for it (the job fails, saying
+    what is missing, before it trains)."""
+    sets = [{"name": "builtin"}]
+    vllm = eval_config(EvaluationIn(safety_sets=sets, backend="vllm"))  # type: ignore[arg-type]
+    assert vllm.backend == "vllm" and EvalConfig.from_dict(vllm.to_dict()) == vllm
+    with pytest.raises(ValueError, match="backend"):
+        EvaluationIn.model_validate({"backend": "sglang"})
+
+
 def test_an_optimizer_in_the_backward_takes_the_batch_in_one_micro_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
