@@ -89,7 +89,7 @@ def test_a_response_read_from_the_cache_is_scored_again(
     assert max_mean_difference(first, float32_scores) < BF16_BOUND
     # A later call starts from an empty cache: nothing of the earlier one is read.
     scorer.rescored = 0
-    assert [r.mean for r in scorer.score(encoded)] == [r.mean for r in first]
+    assert max_mean_difference(scorer.score(encoded), first) < BF16_BOUND
     assert scorer.rescored == 0
 
 

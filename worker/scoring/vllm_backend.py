@@ -11,7 +11,8 @@ for prompt logprobs, and so recomputes the system prompt of every sample. With
 (``skip_reading_prefix_cache=False``): it first runs each condition's prefix once (a cheap
 request without logprobs), so the prefix's whole KV blocks are cached before the samples that
 start with it are scheduled. Each ``score`` call (a chunk of a job) starts from an empty
-cache, so its numbers do not depend on what the engine scored before.
+cache: only the call's own system prompts are read from it, never blocks another call left
+(which would hold whole samples: scoring the same data again would rescore every row).
 
 vLLM does not compute logprobs for positions it read from the cache: those entries (and the
 first one after them) come back as garbage, while every later position is exact. A response
@@ -20,9 +21,11 @@ token must therefore never fall in a cached block. The guard: vLLM reports
 (a duplicate sample, or a long shared first turn, may hit blocks past the system prompt) is
 scored again with cache reading off.
 
-vLLM's bf16 numbers depend on how a sequence is computed (one token's log-probability moved by
-0.01 between a run that read the system prompt from the cache and one that computed it); a
-chunk scored again the same way gives the same numbers.
+vLLM's numbers are not batch-invariant: a sequence's log-probabilities depend on the requests
+it is computed beside, and which those are depends on when requests reach the engine's
+process. In bfloat16 on a CPU the same chunk scored twice moved mean log-probabilities by up to
+about 0.01; the float32 check keeps the flags near the margin, and the transformers backend in
+float32 is the one that gives the same numbers on every run.
 """
 
 from __future__ import annotations
@@ -102,12 +105,11 @@ class VllmScorer:
         on_scored: Callable[[int], None] | None = None,
     ) -> list[ResponseLogprob]:
         results: list[ResponseLogprob | None] = [None] * len(sequences)
-        if self.reuse_prefix:
-            # Each call starts from an empty cache: what an earlier call (another chunk, an
-            # earlier job on the same data) cached cannot be read, so a chunk's scores do not
-            # depend on what the engine scored before (a resumed job ends with a clean run's
-            # scores), and only this call's duplicates can reach a response block.
-            self.llm.reset_prefix_cache()
+        # Each call starts from an empty cache: what an earlier call (another chunk, an earlier
+        # job on the same data) cached cannot be read, so only this call's duplicates can reach
+        # a response block. Should vLLM refuse (blocks in use), the guard still holds.
+        if self.reuse_prefix and not self.llm.reset_prefix_cache():
+            log.warning("vLLM kept its prefix cache: blocks were still in use")
         for begin in range(0, len(sequences), self.batch_sequences):
             batch = list(range(begin, min(begin + self.batch_sequences, len(sequences))))
             scored = self._score_batch([sequences[i] for i in batch])
