@@ -137,6 +137,8 @@ def build_llm(
     enable_lora: bool = False,
 ) -> Any:
     """Start a ``vllm.LLM`` on this machine's device, or raise ``VllmUnavailableError``."""
+    # A self-hosted deployment sends nothing out: vLLM reports usage unless told not to.
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     ok, why = vllm_available()
     if not ok:
         raise VllmUnavailableError(why)
