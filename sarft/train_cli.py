@@ -90,9 +90,10 @@ def _evaluation(
     eval_file: list[Path] | None,
     max_prompts: int | None,
     max_new_tokens: int | None,
+    backend: str | None = None,
 ) -> dict[str, Any] | None:
     """The evaluation request: None with --no-eval, else the sets and limits that were set."""
-    given = (eval_set, eval_file, max_prompts, max_new_tokens)
+    given = (eval_set, eval_file, max_prompts, max_new_tokens, backend)
     if no_eval and any(g is not None for g in given):
         raise typer.BadParameter("--no-eval takes no evaluation options")
     if no_eval:
@@ -103,6 +104,7 @@ def _evaluation(
             "safety_sets": sets or None,
             "max_prompts": max_prompts,
             "max_new_tokens": max_new_tokens,
+            "backend": backend,
         }
     )
 
@@ -165,6 +167,13 @@ def submit_fine_tuning(
     max_prompts: Annotated[int | None, typer.Option("--max-prompts", min=1)] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip evaluation.")] = False,
+    eval_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-backend",
+            help="transformers | vllm (the training worker needs vLLM: README, vLLM).",
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="Follow the job with a progress bar.")
     ] = True,
@@ -181,7 +190,9 @@ def submit_fine_tuning(
         epochs, batch_size, micro_batch_size, learning_rate, lambda_kl, max_steps, dtype, protocol
     )
     hyper.update(_lora_hyperparameter(full, lora_r, lora_alpha, target_modules))
-    evaluation = _evaluation(no_eval, eval_set, eval_file, max_prompts, max_new_tokens)
+    evaluation = _evaluation(
+        no_eval, eval_set, eval_file, max_prompts, max_new_tokens, eval_backend
+    )
     with api_client(api_url, api_key) as client:
         job = client.create_fine_tuning_job(
             dataset_id,

@@ -358,7 +358,8 @@ def test_cli_train_and_downloads(
     prompts = write_jsonl(tmp_path / "harm.jsonl", [{"prompt": "p1"}, {"prompt": "p2"}])
     result = invoke(
         cli, "train", dataset, "--scoring-job", scoring, "--method", "random", "--full",
-        "--lambda", "0.2", "--max-steps", "3", "--eval-file", str(prompts), "--no-wait",
+        "--lambda", "0.2", "--max-steps", "3", "--eval-file", str(prompts),
+        "--eval-backend", "vllm", "--no-wait",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)
@@ -367,6 +368,7 @@ def test_cli_train_and_downloads(
     assert hp["lora"] is None and hp["learning_rate"] == 2e-5 and hp["lambda_kl"] == 0.2
     assert hp["max_steps"] == 3
     assert job["evaluation"]["safety_sets"] == [{"name": "harm", "num_prompts": 2}]
+    assert job["evaluation"]["backend"] == "vllm"
     assert fake_queue.enqueued[-1] == ("training", run_fine_tuning_job, (job["id"],))
 
     bad = invoke(cli, "train", dataset, "--scoring-job", scoring, "--full", "--lora-r", "8")
