@@ -49,12 +49,14 @@ demo: install-qwen
 # where `make install-vllm` has built its environment, the vLLM tests in it.
 test: install
 	$(BIN)/pytest tests -q --durations=10 -n 2 --dist worksteal --ignore=tests/vllm
-	@if [ -x $(VLLM_BIN)/pytest ]; then $(MAKE) --no-print-directory test-vllm; \
+	@if [ -x $(VLLM_BIN)/pytest ]; then $(MAKE) --no-print-directory test-vllm VLLM_MARKS="not slow"; \
 	else echo "tests/vllm skipped: no $(VLLM_VENV) (make install-vllm)"; fi
 
-# One process: each module starts one vLLM engine, which takes both cores.
+# One process: each module starts one vLLM engine, which takes both cores. `make test` runs the
+# quick ones; VLLM_MARKS=slow the Qwen and evaluation ones (.ci/run runs both); empty: all.
+VLLM_MARKS ?=
 test-vllm: install-vllm
-	$(VLLM_BIN)/pytest tests/vllm -q --durations=10
+	$(VLLM_BIN)/pytest tests/vllm -q --durations=10 $(if $(VLLM_MARKS),-m "$(VLLM_MARKS)")
 
 test-fast: install
 	$(BIN)/pytest tests -q -m "not slow"
