@@ -23,10 +23,11 @@ from tests.service.conftest import ServerProcess, WorkerProcess, rolebench_file
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 FIXED_SEED = 20261201
-# Two runs, a minute in all. The case count grows with the time: 40 s runs gave 765 and 908
+# Two runs, 80 s in all. The case count grows with the time: 40 s runs gave 765 and 908
 # cases (36 and 42 links covered) on two cores busy with other work, above the floors asserted
-# below; 85 s runs added cases, not kinds of checks.
-SECONDS_PER_RUN = 30
+# below; 85 s runs added cases, not kinds of checks. 30 s runs covered 29 links in one CI run
+# beside the model tests (the stateful phase, last, got 5.7 s of them), below the floor.
+SECONDS_PER_RUN = 40
 
 
 def succeeded_scoring_job(
