@@ -132,26 +132,32 @@ def score_file(
 
     t0 = time.perf_counter()
     backend = build_backend(config)
-    encoder = ChatEncoder(backend.tokenizer, prompts, config.encoding)
-    load_s = time.perf_counter() - t0
+    # A vLLM engine is stopped here, not at interpreter exit: left to its atexit hooks, its
+    # threads were sometimes still running when the interpreter tore down, and the process
+    # aborted ("terminate called without an active exception") after writing its scores.
+    try:
+        encoder = ChatEncoder(backend.tokenizer, prompts, config.encoding)
+        load_s = time.perf_counter() - t0
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t1 = time.perf_counter()
-    stats = _write_scores(
-        iter_samples(data, fmt),
-        encoder,
-        backend.scorer,
-        out_dir,
-        config,
-        on_progress,
-        checker=backend.checker,
-    )
-    score_s = time.perf_counter() - t1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        t1 = time.perf_counter()
+        stats = _write_scores(
+            iter_samples(data, fmt),
+            encoder,
+            backend.scorer,
+            out_dir,
+            config,
+            on_progress,
+            checker=backend.checker,
+        )
+        score_s = time.perf_counter() - t1
 
-    summary = {
-        **stats.to_json(),
-        **_run_details(data, fmt, prompts, backend, config),
-        "timings": _timings(load_s, score_s, stats.num_samples),
-    }
+        summary = {
+            **stats.to_json(),
+            **_run_details(data, fmt, prompts, backend, config),
+            "timings": _timings(load_s, score_s, stats.num_samples),
+        }
+    finally:
+        backend.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
