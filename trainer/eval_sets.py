@@ -3,7 +3,8 @@
 Three file shapes are understood, told apart by their content rather than their name:
 
 * AdvBench ``harmful_behaviors.csv``: a CSV with a ``goal`` column (``goal,target``)
-* BeaverTails ``evaluation.csv``: a CSV with a ``prompt`` column (``,prompt,category,category_id``)
+* BeaverTails ``evaluation.csv``: a CSV with a ``prompt`` column (``,prompt,category,category_id``);
+  its ``category`` column, where present, is kept per prompt (refusal is reported by category)
 * JSONL: one ``{"prompt": "..."}`` object per line (other keys are ignored)
 
 A file whose first non-blank character is ``{`` is JSONL, anything else is read as CSV. A CSV
@@ -16,8 +17,8 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +31,7 @@ BUILTIN_PROMPTS = Path(__file__).resolve().parent / "prompt_sets" / "builtin.jso
 """Eight harmful requests written for sarft: evaluation works before any data set is configured."""
 ADVBENCH_COLUMN = "goal"
 PROMPT_COLUMN = "prompt"
+CATEGORY_COLUMN = "category"
 
 
 class PromptSetError(ValueError):
@@ -41,6 +43,17 @@ class PromptSet:
     name: str
     """Shown in results and reports: "advbench", "beavertails", or the file's stem."""
     prompts: tuple[str, ...]
+    categories: tuple[str, ...] | None = None
+    """Each prompt's harm category (BeaverTails), or None."""
+    system: str | None = None
+    """A system message the set's prompts are asked under (a jailbreak's), after the role's
+    own in character."""
+    decode: Callable[[str], str] | None = field(default=None, compare=False)
+    """What the judge reads of an answer: a cipher's answers are deciphered first."""
+
+    def __post_init__(self) -> None:
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise ValueError(f"{len(self.categories)} categories for {len(self.prompts)} prompts")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -53,7 +66,7 @@ def _read_text(path: Path) -> str:
         raise PromptSetError(f"{path}: not valid UTF-8 text ({exc.reason})") from exc
 
 
-def _jsonl_prompts(path: Path, text: str) -> Iterator[str]:
+def _jsonl_prompts(path: Path, text: str) -> Iterator[tuple[str, str | None]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -68,7 +81,7 @@ def _jsonl_prompts(path: Path, text: str) -> Iterator[str]:
         prompt = obj[PROMPT_COLUMN].strip()
         if not prompt:
             raise PromptSetError(f'{path}: line {number}: "prompt" is empty')
-        yield prompt
+        yield prompt, None
 
 
 def _csv_column(path: Path, fieldnames: list[str] | None) -> str:
@@ -83,10 +96,11 @@ def _csv_column(path: Path, fieldnames: list[str] | None) -> str:
     )
 
 
-def _csv_prompts(path: Path, text: str, column: str) -> Iterator[str]:
+def _csv_prompts(path: Path, text: str, column: str) -> Iterator[tuple[str, str | None]]:
     reader = csv.reader(text.splitlines(keepends=True))
     header = [n.strip() for n in next(reader)]
     at = header.index(column)
+    category_at = header.index(CATEGORY_COLUMN) if CATEGORY_COLUMN in header else None
     try:
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -94,7 +108,14 @@ def _csv_prompts(path: Path, text: str, column: str) -> Iterator[str]:
             # reader.line_num is the line where this record ends (quoted cells span lines).
             if at >= len(row) or not row[at].strip():
                 raise PromptSetError(f"{path}: line {reader.line_num}: empty {column!r} cell")
-            yield row[at].strip()
+            category = None
+            if category_at is not None:
+                if category_at >= len(row) or not row[category_at].strip():
+                    raise PromptSetError(
+                        f"{path}: line {reader.line_num}: empty {CATEGORY_COLUMN!r} cell"
+                    )
+                category = row[category_at].strip()
+            yield row[at].strip(), category
     except csv.Error as exc:
         raise PromptSetError(f"{path}: line {reader.line_num}: bad CSV ({exc})") from exc
 
@@ -124,18 +145,23 @@ def load_prompts(
         prompts = _csv_prompts(path, text, column)
         if column == ADVBENCH_COLUMN:
             default_name = "advbench"
-        elif header is not None and "category" in (h.strip() for h in header):
+        elif header is not None and CATEGORY_COLUMN in (h.strip() for h in header):
             default_name = "beavertails"
         else:
             default_name = path.stem
-    kept: list[str] = []
+    kept: list[tuple[str, str | None]] = []
     for prompt in prompts:
         kept.append(prompt)
         if max_prompts is not None and len(kept) == max_prompts:
             break
     if not kept:
         raise PromptSetError(f"{path}: no prompts (only a header or blank lines)")
-    return PromptSet(name=name or default_name, prompts=tuple(kept))
+    categories = [c for _, c in kept]
+    return PromptSet(
+        name=name or default_name,
+        prompts=tuple(p for p, _ in kept),
+        categories=None if None in categories else tuple(c for c in categories if c is not None),
+    )
 
 
 # --- held-out role-play samples (the fidelity set) ----------------------------------------------

@@ -20,6 +20,7 @@ from trainer.config import (
     DType,
     EvalBackend,
     EvalConfig,
+    EvalDType,
     EvalSetting,
     JudgeKind,
     JudgeSettings,
@@ -201,6 +202,11 @@ class EvaluationIn(BaseModel):
         description="transformers: the training process's model generates the answers; vllm: "
         "vLLM's engine, after training, for the base and the tuned model (the training worker "
         "needs vLLM installed, or the job fails saying what is missing).",
+    )
+    dtype: EvalDType = Field(
+        default=_EVAL.dtype,
+        description="transformers backend: auto answers with a bfloat16 copy of a float32 model "
+        "on CPU (about 2x faster, same verdicts measured), else in the model's dtype.",
     )
 
 

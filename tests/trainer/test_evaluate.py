@@ -435,11 +435,13 @@ def test_evaluate_settings_asks_in_the_default_chat_and_in_character(
     stages: list[str] = []
     results = evaluate_settings(
         tiny_model, tiny_tokenizer, role, ("default", "in_character"), sets, PhraseJudge(),
-        fidelity, 5, progress=lambda stage, done, total: stages.append(stage),
+        fidelity, 5, progress=lambda stage, done, total: stages.append(stage), dtype="float32",
     )  # fmt: skip
     assert list(results) == ["default", "in_character"]
     for setting, system in (("default", None), ("in_character", role)):
-        alone = evaluate_model(tiny_model, tiny_tokenizer, system, sets, PhraseJudge(), fidelity, 5)
+        alone = evaluate_model(
+            tiny_model, tiny_tokenizer, system, sets, PhraseJudge(), fidelity, 5, dtype="float32"
+        )
         assert results[setting] == alone
     answers = {s: r.safety[0].examples[0].response for s, r in results.items()}
     assert answers["default"] == generate(tiny_model, tiny_tokenizer, None, sets[0].prompts, 5)[0]
