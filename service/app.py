@@ -19,6 +19,7 @@ from service.health.endpoints import router as health_router
 from service.openapi_document import complete
 from service.roles.endpoints import router as roles_router
 from service.scoring_jobs.endpoints import router as scoring_router
+from trainer.jailbreaks import available_sets
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def create_app() -> FastAPI:
                 routes=app.routes,
             )  # fmt: skip
             app.openapi_schema = complete(
-                generated, settings.allowed_models, set(settings.eval_set_paths)
+                generated, settings.allowed_models, set(available_sets(settings.eval_set_paths))
             )
         return app.openapi_schema
 

@@ -26,6 +26,7 @@ from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import EvalConfig, JudgeSettings
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
 from trainer.evaluate import evaluate_settings
+from trainer.jailbreaks import SOURCE_SET, is_jailbreak_set, jailbreak_set
 from trainer.refusal import Judge, LLMJudge, PhraseJudge
 from trainer.report import (
     EvaluationSection,
@@ -353,19 +354,27 @@ class _Evaluator:
             max_new_tokens=self.plan.max_new_tokens,
             batch_size=self.plan.batch_size,
             progress=progress,
+            dtype=self.plan.dtype,
         )
         return {setting: result.to_dict() for setting, result in results.items()}
 
 
 def _safety_sets(plan: EvalConfig, configured: Mapping[str, Path]) -> list[PromptSet]:
+    """Inline prompts, a configured file, or a jailbreak of the AdvBench goals (or of the
+    inline prompts sent under a jailbreak's name)."""
     sets = []
     for entry in plan.safety_sets:
         if entry.prompts is not None:
-            sets.append(PromptSet(name=entry.name, prompts=entry.prompts[: plan.max_prompts]))
+            prompt_set = PromptSet(name=entry.name, prompts=entry.prompts[: plan.max_prompts])
         elif entry.name in configured:
-            sets.append(load_prompts(configured[entry.name], plan.max_prompts, name=entry.name))
+            prompt_set = load_prompts(configured[entry.name], plan.max_prompts, name=entry.name)
+        elif is_jailbreak_set(entry.name) and SOURCE_SET in configured:
+            prompt_set = load_prompts(configured[SOURCE_SET], plan.max_prompts)
         else:
             raise RuntimeError(f"safety set {entry.name!r} is not configured on this worker")
+        if is_jailbreak_set(entry.name) and entry.name not in configured:
+            prompt_set = jailbreak_set(entry.name, prompt_set)
+        sets.append(prompt_set)
     return sets
 
 

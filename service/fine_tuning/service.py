@@ -36,6 +36,7 @@ from trainer.config import (
     TrainConfig,
     default_learning_rate,
 )
+from trainer.jailbreaks import available_sets
 from trainer.run_spec import Phase
 from worker.encoding import EncodingConfig
 
@@ -98,7 +99,7 @@ def train_config(
 def eval_config(evaluation: EvaluationIn) -> EvalConfig:
     """The evaluation as the trainer runs it: safety sets checked against the server's."""
     settings = get_settings()
-    configured = settings.eval_set_paths
+    configured = available_sets(settings.eval_set_paths)
     if evaluation.safety_sets is None:
         sets = tuple(SafetySet(name) for name in settings.default_eval_set_names)
     else:

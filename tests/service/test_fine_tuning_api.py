@@ -109,6 +109,10 @@ def test_full_fine_tuning_and_inline_sets(client: TestClient, scored: dict[str, 
     assert job["evaluation"]["judge"]["kind"] == "llm"
     builtin = create(client, scored, evaluation={"safety_sets": [{"name": "builtin"}]}).json()
     assert builtin["evaluation"]["safety_sets"] == [{"name": "builtin"}]
+    assert builtin["evaluation"]["dtype"] == "auto" and builtin["evaluation"]["batch_size"] == 32
+    # A jailbreak set needs no file of its own: the server rewrites its AdvBench goals.
+    attacked = create(client, scored, evaluation={"safety_sets": [{"name": "advbench-caesar"}]})
+    assert attacked.json()["evaluation"]["safety_sets"] == [{"name": "advbench-caesar"}]
     skipped = create(client, scored, method="sft", evaluation=None).json()
     assert skipped["evaluation"] is None and skipped["method"] == "sft"
 
