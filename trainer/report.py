@@ -8,9 +8,10 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from trainer.artifacts import REPORT_HTML, REPORT_JSON
+from trainer.comparison import compare_evaluations
 from trainer.report_html import render_html
 
 
@@ -39,10 +40,13 @@ class EvaluationSection(TypedDict):
     base: dict[str, dict[str, Any]] | None
     """By setting ("default": no system message, "in_character": the role prompt), the base
     model's ``EvalResult.to_dict()``: {"safety": [{"name", "n", "refusal_rate", "ci95",
-    "judge", "examples": [{"prompt", "response", "refused"}]}], "fidelity": {"n", "rouge_l",
-    "examples": [{"question", "reference", "response", "rouge_l"}]} | null}. Examples may
-    also be positional lists in that field order."""
+    "judge", "examples": [{"prompt", "response", "refused"}], "verdicts": [bool per prompt],
+    "categories": [{"category", "n", "refusal_rate", "ci95"}] | null}], "fidelity": {"n",
+    "rouge_l", "examples": [{"question", "reference", "response", "rouge_l"}]} | null}.
+    Examples may also be positional lists in that field order."""
     tuned: dict[str, dict[str, Any]] | None
+    paired: NotRequired[dict[str, dict[str, Any]]]
+    """By setting, then safety set: ``PairedDifference.to_dict()`` of tuned - base."""
 
 
 class Report(TypedDict, total=False):
@@ -78,7 +82,9 @@ def history_row(record: Mapping[str, float]) -> HistoryRow:
 
 def evaluation_summary(evaluation: EvaluationSection) -> dict[str, Any]:
     """Headline numbers per evaluated model and setting: refusal rate (with its 95% interval)
-    per safety set, and ROUGE-L."""
+    per safety set and, for sets with harm categories, per category; ROUGE-L; and ``paired``:
+    by setting and set, the tuned model's refusal difference from the base, paired by prompt
+    (:mod:`trainer.comparison`)."""
     out: dict[str, Any] = {}
     for which, settings in (("base", evaluation["base"]), ("tuned", evaluation["tuned"])):
         if settings is None:
@@ -87,10 +93,18 @@ def evaluation_summary(evaluation: EvaluationSection) -> dict[str, Any]:
             setting: {
                 "refusal_rate": {s["name"]: s["refusal_rate"] for s in result["safety"]},
                 "refusal_ci95": {s["name"]: s["ci95"] for s in result["safety"]},
+                "refusal_by_category": {
+                    s["name"]: {c["category"]: c["refusal_rate"] for c in s["categories"]}
+                    for s in result["safety"]
+                    if s.get("categories")
+                },
                 "rouge_l": None if result["fidelity"] is None else result["fidelity"]["rouge_l"],
             }
             for setting, result in settings.items()
         }
+    paired = compare_evaluations(evaluation)
+    if paired:
+        out["paired"] = paired
     return out
 
 
@@ -105,7 +119,9 @@ def build_report(
         "job": dict(job),
         "scoring": scoring,
         "training": {"history": [history_row(r) for r in history], "config": config},
-        "evaluation": evaluation,
+        "evaluation": None
+        if evaluation is None
+        else {**evaluation, "paired": compare_evaluations(evaluation)},
     }
 
 

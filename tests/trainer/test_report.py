@@ -16,9 +16,11 @@ from trainer.evaluate import (
     FidelityResult,
     SafetyExample,
     SafetyResult,
+    by_category,
     wilson_interval,
 )
-from trainer.report import Report, write_report
+from trainer.intervals import paired_difference
+from trainer.report import Report, build_report, write_report
 
 PNG = "data:image/png;base64,"
 XSS = "<script>alert('pwned')</script>"
@@ -103,6 +105,7 @@ def test_full_report(tmp_path: Path) -> None:
     flagged = sum(p[2] for p in _full_report()["scoring"]["points"])  # type: ignore[index]
     assert f"{100 * flagged / 40:.1f}%" in html and f"40 samples, {flagged} flagged" in html
     assert "not run" not in html
+    assert "no per-prompt verdicts to pair" in html  # these results predate the verdicts
 
 
 def test_missing_evaluation_says_not_run(tmp_path: Path) -> None:
@@ -170,3 +173,53 @@ def test_positional_examples_and_null_settings(tmp_path: Path) -> None:
     assert "<td>q?</td><td>ref</td><td>resp</td><td>not run</td>" in html
     assert "<td>lora</td><td>null</td>" in html
     assert "No training steps recorded" in html
+
+
+def _with_verdicts(base: list[bool], tuned: list[bool]) -> dict[str, Any]:
+    """Base and tuned results of one categorised set, with every prompt's verdict."""
+    categories = ["theft", "theft", "self_harm", "self_harm"] * (len(base) // 4)
+
+    def side(verdicts: list[bool]) -> dict[str, Any]:
+        result = SafetyResult(
+            "beavertails", len(verdicts), sum(verdicts) / len(verdicts), "phrase",
+            (SafetyExample("Steal a car", "No.", verdicts[0]),),
+            wilson_interval(sum(verdicts), len(verdicts)), tuple(verdicts),
+            by_category(categories, verdicts),
+        )  # fmt: skip
+        return {"default": EvalResult((result,), None).to_dict()}
+
+    return {"base": side(base), "tuned": side(tuned)}
+
+
+def test_the_report_pairs_verdicts_and_breaks_refusal_down_by_category(tmp_path: Path) -> None:
+    base = [True] * 16 + [False] * 4
+    tuned = [True] * 8 + [False] * 12  # 8 refusals lost, none gained
+    report = _full_report()
+    report["evaluation"] = _with_verdicts(base, tuned)  # type: ignore[typeddict-item]
+    report["job"] = {"id": "ftjob-9", "final": {"loss": 1.5, "ce": 1.25},
+                     "evaluation": {"base": {"default": {"rouge_l": 3.0}}}}  # fmt: skip
+    json_path, html_path = write_report(tmp_path, build_report(
+        report["job"], report["scoring"], [], {}, report["evaluation"],  # type: ignore[arg-type]
+    ))  # fmt: skip
+    stored = _strict_json(json_path)["evaluation"]["paired"]["default"]["beavertails"]
+    expected = paired_difference(base, tuned)
+    assert stored["difference"] == pytest.approx(-0.4)
+    assert (stored["only_first"], stored["only_second"]) == (8, 0)
+    assert stored["mcnemar_p"] == pytest.approx(2 / 2**8)
+    assert stored["ci95"] == pytest.approx(list(expected.ci95))
+    html = html_path.read_text(encoding="utf-8")
+    low, high = expected.ci95
+    assert f"-40.0 points [{100 * low:+.1f}, {100 * high:+.1f}], McNemar p=0.00781" in html
+    # The category chart and its table: theft 8/10 refused before, 0/10 after.
+    assert "beavertails: refusal per harm category" not in html  # the title is in the PNG
+    assert html.count(PNG) == 3  # scatter, refusal bars, category bars (no training steps)
+    assert "<td>theft</td><td>80.0% [" in html and "<td>self_harm</td>" in html
+    # The job table holds no JSON: the summary's numbers are the evaluation section's tables.
+    job_table = html[html.index("<table>") : html.index("</table>")]
+    assert "{" not in job_table and "final" in job_table and "loss: 1.5" in job_table
+    assert "rouge_l" not in job_table
+
+
+def test_stored_reports_without_verdicts_say_so(tmp_path: Path) -> None:
+    _, html_path = write_report(tmp_path, _full_report())
+    assert "no per-prompt verdicts to pair" in html_path.read_text(encoding="utf-8")
