@@ -82,7 +82,7 @@ def paired_difference(
     l2, u2 = wilson_interval(a + c, n, z)
     denominator = (a + b) * (c + d) * (a + c) * (b + d)
     # Newcombe's correlation: a positive a*d - b*c is first reduced by n/2 (not below 0).
-    cross = a * d - b * c
+    cross: float = a * d - b * c
     if cross > 0:
         cross = max(cross - n / 2, 0.0)
     phi = cross / math.sqrt(denominator) if denominator else 0.0

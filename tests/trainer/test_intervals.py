@@ -34,7 +34,7 @@ def test_the_interval_reproduces_newcombes_table(
     first, second = pairs(*cells)
     # The difference here is second - first, so the published limits change sign.
     result = paired_difference(second, first)
-    e, f, g, h = cells
+    e, f, g, _h = cells
     assert result.difference == pytest.approx((f - g) / sum(cells))
     assert result.ci95 == pytest.approx(limits, abs=1e-4)
     assert (result.both, result.only_first, result.only_second) == (e, g, f)
