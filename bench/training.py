@@ -17,17 +17,17 @@ carries the KL anchor. `sft` ignores the flags, as `select_kl_subset` does. The 
 passed in that interleaved order; how the micro-batches are made of it is the trainer's
 business (it may, for one, put the flagged rows together).
 
-What is timed: whole optimizer steps through `trainer.train._optimizer_step` (every
+What is timed: whole optimizer steps through `trainer.steps.optimizer_step` (every
 micro-batch's forward, the reference forward for `sarft`, the loss, backward, gradient
-clipping, AdamW), set up by `trainer.train._prepare` as `fine_tune()` does (LoRA: a PeftModel
-whose reference is the base with the adapter disabled; full: a frozen deep copy as the
-reference; the model is prepared once per mode, with the `sarft` settings, so the copy is
+clipping, AdamW), set up by `trainer.policy_setup.prepare_policy` as `fine_tune()` does (LoRA:
+a PeftModel whose reference is the base with the adapter disabled; full: a frozen deep copy as
+the reference; the model is prepared once per mode, with the `sarft` settings, so the copy is
 there during `sft` steps too, although `fine_tune()` makes none for `sft`). Each mode runs in a
 fresh process that prepares the model once; the two methods then take turns on it, one
 warm-up step each (it allocates AdamW's state) and --reps timed steps each, the order
 alternating every round, so a change in the machine's load (it is shared) hits both alike.
 The reference (--reference): "cached" (the default) does what `fine_tune()` does before step
-1 with the fused loss, `trainer.train.cached_reference`: the flagged rows' reference final
+1 with the fused loss, `trainer.policy_setup.cached_reference`: the flagged rows' reference final
 hidden states are computed once and kept on the host, and full fine-tuning then frees its
 frozen copy but for its head, so the `sft` steps of that mode carry no copy either, as in
 `fine_tune()`. The cache pass is timed apart ("cache s"); since the batch is one step and a
@@ -111,8 +111,9 @@ from trainer.config import (
 from trainer.data import TrainExample, encode_examples, pad_token_id, select_kl_subset
 from trainer.forward import forward_plan
 from trainer.optimizers import build_adamw
+from trainer.policy_setup import cached_reference, prepare_policy
 from trainer.reference_cache import CachedReference
-from trainer.train import _optimizer_step, _prepare, cached_reference
+from trainer.steps import optimizer_step
 from worker.model_loader import load_model
 from worker.prompts import RolePrompts
 
@@ -172,7 +173,7 @@ def build_config(job: Job, method: Method) -> TrainConfig:
 def micro_batches(
     examples: list[TrainExample], micro: int, kl_positions: KLPositions
 ) -> list[MicroBatch]:
-    """The step's micro-batches as `_optimizer_step` makes them (flagged rows first)."""
+    """The step's micro-batches as `optimizer_step` makes them (flagged rows first)."""
     ordered = sorted(examples, key=lambda e: not e.kl_flag)
     out = []
     for i in range(0, len(ordered), micro):
@@ -262,7 +263,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             max_prompt_tokens=config.max_prompt_tokens,
             max_response_tokens=config.max_response_tokens,
         )
-    # Counted before _prepare: LoRA adds its adapters to the model's parameters in place.
+    # Counted before prepare_policy: LoRA adds its adapters to the model's parameters in place.
     n_block = block_params(model)
     counts = {m: step_flops(batches[m], model, job.mode, job.kl_positions) for m in BENCH_METHODS}
 
@@ -271,7 +272,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             p.sum()  # page the memory-mapped weights in, so they count in the baseline
     memory = PeakMemory(device)
     # One policy serves both methods: they differ only in the batch's flags.
-    policy, reference, reference_model = _prepare(model, configs["sarft"], None)
+    policy, reference, reference_model = prepare_policy(model, configs["sarft"], None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = build_adamw(params, LEARNING_RATES[job.mode], 0.0, job.in_backward)
     scheduler = LambdaLR(optimizer, lambda _: 1.0)
@@ -315,7 +316,7 @@ def run_mode(job: Job) -> list[dict[str, Any]]:
             loss, method = cell
             memory.start()
             start, cpu_start = time.perf_counter(), time.process_time()
-            metrics = _optimizer_step(
+            metrics = optimizer_step(
                 policy,
                 reference,
                 batches[method],

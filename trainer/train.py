@@ -14,28 +14,23 @@ is never projected onto the vocabulary.
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 import itertools
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from torch.optim.lr_scheduler import LambdaLR
 
 from trainer import checkpoints
 from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import TrainConfig
 from trainer.data import (
-    Batch,
     TrainExample,
     collate,
     encode_examples,
@@ -44,18 +39,20 @@ from trainer.data import (
     select_kl_subset,
     step_batches,
 )
-from trainer.forward import ForwardPlan, forward_plan, outputs, sparse_tied_embedding_gradient
-from trainer.fused_loss import fused_sarft_loss
-from trainer.loss import IGNORE_INDEX, LossParts, sarft_loss
-from trainer.optimizers import AdamWInBackward, build_adamw
+from trainer.forward import ForwardPlan, forward_plan
+from trainer.optimizers import AdamWInBackward
+from trainer.policy_setup import cached_reference, prepare_policy
 from trainer.ranks import Ranks
-from trainer.reference_cache import CachedReference
+from trainer.steps import (
+    ReferenceLogits,
+    StepMetrics,
+    build_optimizer,
+    micro_batch_loss,
+    optimizer_step,
+)
 from worker.formats import Sample
 from worker.prompts import RolePrompts
 
-StepMetrics = dict[str, float]
-ReferenceLogits = Callable[[Batch, int, bool], torch.Tensor]
-"""The reference's ``outputs(batch, keep, hidden)`` (see :func:`trainer.forward.outputs`)."""
 OnCheckpoint = Callable[[Checkpoint, list[Checkpoint]], None]
 """Called with each checkpoint written and the older ones that were deleted."""
 
@@ -76,310 +73,6 @@ class TrainResult:
     model_dir: Path | None = None  # full fine-tuning runs: model and tokenizer
 
 
-def frozen_copy(model: Any) -> Any:
-    """A deep copy in eval mode with no gradients: the KL reference of full fine-tuning."""
-    reference = copy.deepcopy(model)
-    reference.requires_grad_(False)
-    reference.eval()
-    return reference
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, scheduler: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if scheduler == "constant":
-        return 1.0
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def enable_checkpointing(model: Any) -> None:
-    """Recompute each decoder block in the backward instead of keeping its activations.
-
-    Non-reentrant, so neither LoRA (whose frozen embedding output needs no gradient) nor the
-    no-grad reference forward needs anything more: the reference runs in eval mode, where
-    transformers does not checkpoint, and a frozen copy made after this inherits the setting
-    harmlessly. RNG state is replayed in the recomputation, so dropout masks match.
-    transformers checkpoints each block's ``forward``, so module hooks run once."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.activation_checkpointing_enable({"use_reentrant": False})
-
-
-def _prepare(
-    model: Any, config: TrainConfig, base_model_name: str | None, world: int = 1
-) -> tuple[Any, ReferenceLogits, Any | None]:
-    """The policy to train, a function returning the reference's outputs (under no_grad), and
-    the model whose head projects them (None when there is no KL term); ``world`` processes
-    will train it."""
-    if config.gradient_checkpointing:
-        enable_checkpointing(model)
-    if config.lora is None:
-        if world == 1:
-            sparse_tied_embedding_gradient(model)
-        if config.method == "sft" or config.lambda_kl == 0:
-            # No KL term, so no reference forward: a frozen copy would only take memory.
-            def no_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
-                raise AssertionError("a run without a KL term asked for reference logits")
-
-            return model, no_reference, None
-        reference = frozen_copy(model)
-
-        def full_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
-            with torch.no_grad():
-                return outputs(reference, batch, keep, hidden)
-
-        return model, full_reference, reference
-
-    lora = config.lora
-    policy = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
-    if base_model_name is not None:
-        policy.peft_config["default"].base_model_name_or_path = base_model_name
-
-    def adapter_disabled_reference(batch: Batch, keep: int, hidden: bool) -> torch.Tensor:
-        # The base model in eval mode (as the authors' frozen reference), without a second copy.
-        # The policy's mode is restored: validation calls this with the policy in eval mode.
-        was_training = policy.training
-        policy.eval()
-        try:
-            with torch.no_grad(), policy.disable_adapter():
-                return outputs(policy, batch, keep, hidden)
-        finally:
-            policy.train(was_training)
-
-    return policy, adapter_disabled_reference, policy
-
-
-def cached_reference(
-    reference: ReferenceLogits,
-    reference_model: Any | None,
-    policy: Any,
-    examples: Sequence[TrainExample],
-    pad_id: int,
-    config: TrainConfig,
-    plan: ForwardPlan,
-    world: int = 1,
-) -> tuple[ReferenceLogits, Any | None]:
-    """The reference function and model the step loop should use: with
-    ``config.cache_reference`` and a KL term over some of ``examples``, one process and the fused
-    loss, a :class:`CachedReference` of their flagged rows and (full fine-tuning, whose frozen
-    copy is then only needed for the head ``plan.ref_head`` holds) no reference model; otherwise
-    the live ones, unchanged."""
-    wanted = config.cache_reference and config.lambda_kl > 0 and plan.fused and world == 1
-    if not (wanted and any(e.kl_flag for e in examples)):
-        return reference, reference_model
-    lora = reference_model is policy
-    cache = CachedReference.build(
-        reference,
-        examples,
-        pad_id,
-        next(policy.parameters()).device,
-        config.micro_batch_size,
-        torch.bfloat16 if config.dtype == "bfloat16" else None,
-        # LoRA's live reference is the policy itself, so it costs nothing to keep as a fallback.
-        fallback=reference if lora else None,
-    )
-    return cache, reference_model if lora else None
-
-
-def _first_kept_position(batch: Batch, needs_all_positions: bool, can_slice: bool) -> int:
-    """The first position whose logits the loss reads."""
-    if needs_all_positions or not can_slice:
-        return 0
-    is_label = batch.labels != IGNORE_INDEX
-    first_label = torch.where(is_label.any(1), is_label.int().argmax(1), batch.labels.shape[1])
-    return max(int(first_label.min()) - 1, 0)
-
-
-def _micro_batch_loss(
-    policy: Any,
-    reference: ReferenceLogits,
-    batch: Batch,
-    config: TrainConfig,
-    plan: ForwardPlan,
-    step_tokens: int,
-    step_rows: int,
-    pair_reference: bool = False,
-) -> LossParts:
-    """The micro-batch's loss parts. ``pair_reference``: another process runs the reference
-    forward at this micro-batch, so this one runs it too even without a KL row (its output
-    unused), as the collectives of a ZeRO-3 reference must pair up."""
-    needs_kl = config.lambda_kl > 0 and bool(batch.kl_flags.any())
-    start = _first_kept_position(batch, needs_kl and config.kl_positions == "all", plan.can_slice)
-    keep = batch.input_ids.shape[1] - start
-    device_type = batch.input_ids.device.type
-    settings = {
-        "lam": config.lambda_kl,
-        "direction": config.kl_direction,
-        "positions": config.kl_positions,
-        "num_response_tokens": step_tokens,
-        "num_rows": step_rows,
-        # Each row's non-pad tokens, counted over the whole row even when logits are sliced.
-        "sample_tokens": (
-            batch.attention_mask.sum(1) if config.ce_normalization == "sample_tokens" else None
-        ),
-    }
-    labels, attention = batch.labels[:, start:], batch.attention_mask[:, start:]
-    with torch.autocast(device_type, torch.bfloat16, enabled=config.dtype == "bfloat16"):
-        policy_out = outputs(policy, batch, keep, plan.fused)
-        ref_out = None
-        if needs_kl:
-            # Only the KL rows need the reference: an unflagged row's reference forward (and
-            # its logits over the whole vocabulary) would be computed for nothing.
-            flagged = batch.kl_flags.bool()
-            ref_batch = batch if bool(flagged.all()) else batch.rows(flagged.nonzero()[:, 0])
-            ref_out = reference(ref_batch, keep, plan.fused)
-        elif pair_reference:
-            # One row is enough to take part in the all-gathers; the loss has no KL term here.
-            reference(batch.rows(torch.arange(1, device=batch.input_ids.device)), keep, plan.fused)
-        if plan.head is not None:
-            # Inside autocast: the fused head runs in its dtype, as the model's own would.
-            return fused_sarft_loss(
-                policy_out,
-                plan.head,
-                ref_out,
-                plan.ref_head,
-                labels,
-                attention,
-                batch.kl_flags,
-                chunk_rows=plan.chunk_rows,
-                **settings,  # type: ignore[arg-type]
-            )
-    return sarft_loss(
-        policy_out,
-        ref_out,
-        labels,
-        attention,
-        batch.kl_flags,
-        **settings,  # type: ignore[arg-type]
-    )
-
-
-@dataclass(frozen=True)
-class MicroBatchPlan:
-    """A process's micro-batches of one step, and at which of them it runs the reference
-    forward only to pair with another process's."""
-
-    chunks: list[Sequence[TrainExample] | None]
-    """Its micro-batches; None: a zero-weight one that only joins the collectives."""
-    pair_reference: list[bool]
-
-
-def plan_micro_batches(
-    examples: Sequence[TrainExample],
-    size: int,
-    world: int,
-    rank: int,
-    *,
-    lockstep: bool,
-    pair_kl: bool,
-) -> MicroBatchPlan:
-    """Process ``rank``'s share of the step's (sorted) ``examples``: every ``world``-th
-    micro-batch. In ``lockstep`` (:attr:`Ranks.lockstep`) every process runs the same number
-    of them (padded with zero-weight ones) and, with ``pair_kl`` (a KL term whose reference
-    goes through the sharded policy), runs the reference at micro-batch j when any process's
-    j needs it. Each process works this out from the same examples: no communication."""
-    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
-    shares: list[list[Sequence[TrainExample] | None]] = [
-        list(chunks[r::world]) for r in range(world)
-    ]
-    count = max(1, math.ceil(len(chunks) / world)) if lockstep else 0
-    for share in shares:
-        # A process without a micro-batch (or, in lockstep, with fewer) still joins the sync.
-        share.extend([None] * max(count - len(share), 0 if share else 1))
-    mine = shares[rank]
-    if not (lockstep and pair_kl):
-        return MicroBatchPlan(mine, [False] * len(mine))
-
-    def needs_kl(chunk: Sequence[TrainExample] | None) -> bool:
-        # As the micro-batch is collated: a zero-weight one runs the step's first example.
-        return any(e.kl_flag for e in (chunk or examples[:1]))
-
-    pair = [any(needs_kl(share[j]) for share in shares) for j in range(len(mine))]
-    return MicroBatchPlan(mine, pair)
-
-
-def _optimizer_step(
-    policy: Any,
-    reference: ReferenceLogits,
-    examples: Sequence[TrainExample],
-    pad_id: int,
-    config: TrainConfig,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LambdaLR,
-    plan: ForwardPlan,
-    ranks: Ranks | None = None,
-    pair_references: bool = False,
-) -> StepMetrics:
-    """One optimizer step; across several processes each takes every ``world``-th
-    micro-batch of the step and DDP sums their gradients in one all-reduce (see
-    :func:`plan_micro_batches` for ``pair_references``)."""
-    ranks = ranks or Ranks()
-    started = time.perf_counter()
-    device = next(policy.parameters()).device
-    lr = float(scheduler.get_last_lr()[0])
-    # Losses are normalised by the whole step's counts, so the micro-batches add up to the
-    # effective batch's mean whatever micro_batch_size is (and whichever process runs them).
-    step_tokens = sum(e.num_response_tokens for e in examples)
-    # KL rows first, so micro-batches are (nearly) all KL or all not: a micro-batch without a
-    # KL row needs neither the reference forward nor logits over the prompt. The step's
-    # gradient is a sum over its micro-batches, so their make-up does not change it.
-    examples = sorted(examples, key=lambda e: not e.kl_flag)
-    mine = plan_micro_batches(
-        examples,
-        config.micro_batch_size,
-        ranks.world,
-        ranks.rank,
-        lockstep=ranks.lockstep,
-        pair_kl=pair_references and config.lambda_kl > 0,
-    )
-    # DDP averages the processes' gradients; the loss parts are sums, so scale back up.
-    scale = float(ranks.world)
-    totals = [0.0, 0.0, 0.0]
-    last = len(mine.chunks) - 1
-    for j, (chunk, pair) in enumerate(zip(mine.chunks, mine.pair_reference, strict=True)):
-        batch = collate(chunk or examples[:1], pad_id).to(device)
-        with ranks.no_sync(policy, sync=j == last):
-            parts = _micro_batch_loss(
-                policy, reference, batch, config, plan, step_tokens, len(examples), pair
-            )
-            weight = scale if chunk is not None else 0.0
-            (parts.total * weight).backward()
-        if chunk is not None:
-            values = (parts.total, parts.ce, parts.kl)
-            totals = [t + v.item() for t, v in zip(totals, values, strict=True)]
-    loss, ce, kl = ranks.sum(totals)
-    if isinstance(optimizer, AdamWInBackward):
-        grad_norm = optimizer.take_grad_norm()  # the backward has stepped and freed the grads
-    else:
-        params = [p for p in policy.parameters() if p.requires_grad]
-        grad_norm = ranks.clip_grad_norm(params, config.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(len(e.input_ids) for e in examples)
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    return {
-        "loss": loss,
-        "ce": ce,
-        "kl": kl,
-        "tokens": float(tokens),
-        "lr": lr,
-        "grad_norm": float(grad_norm),
-        "tokens_per_s": tokens / elapsed,
-        "kl_samples": float(sum(e.kl_flag for e in examples)),
-    }
-
-
 def _save(
     policy: Any, tokenizer: Any, config: TrainConfig, out_dir: Path
 ) -> tuple[Path | None, Path | None]:
@@ -393,22 +86,6 @@ def _save(
     policy.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return None, model_dir
-
-
-def _optimizer(
-    policy: Any, config: TrainConfig, total_steps: int
-) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = build_adamw(
-        params, config.learning_rate, config.weight_decay, config.optimizer_in_backward
-    )
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-    scheduler = LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, config.lr_scheduler)
-    )
-    return optimizer, scheduler
 
 
 def _validation_metrics(
@@ -432,7 +109,7 @@ def _validation_metrics(
         with torch.no_grad():
             for i in range(0, len(examples), config.micro_batch_size):
                 batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
-                parts = _micro_batch_loss(
+                parts = micro_batch_loss(
                     policy, reference, batch, config, plan, step_tokens, len(examples)
                 )
                 totals["valid_loss"] += parts.total.item()
@@ -481,7 +158,7 @@ class _Loop:
         # policy in place, so the optimizer is built after it, over the process's shards.
         self.trained = self.ranks.wrap(self.policy)
         self.pad_id = pad_token_id(self.tokenizer)
-        self.optimizer, self.scheduler = _optimizer(self.policy, self.config, self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(self.policy, self.config, self.total_steps)
         self.plan = forward_plan(self.policy, self.reference_model, self.config.fused_loss)
         # After the plan: it holds the reference's head, which outlives a dropped frozen copy.
         # Only the rows the remaining steps read: a capped (max_steps) or resumed run reads
@@ -532,7 +209,7 @@ class _Loop:
                 stop = main and self.should_stop is not None and self.should_stop()
                 if self.ranks.agree(stop):
                     return True
-                metrics = _optimizer_step(
+                metrics = optimizer_step(
                     self.trained,
                     self.reference,
                     step_examples,
@@ -673,7 +350,7 @@ def fine_tune(
         )
     if accelerator is not None:
         model.to(accelerator.device)  # before the frozen reference of full fine-tuning is copied
-    policy, reference, reference_model = _prepare(model, config, name, ranks.world)
+    policy, reference, reference_model = prepare_policy(model, config, name, ranks.world)
     total_steps = plan_steps(len(examples), config.batch_size, config.n_epochs, config.max_steps)
     config_path = out_dir / "train_config.json"
     config_path.write_text(config.to_json(), encoding="utf-8")

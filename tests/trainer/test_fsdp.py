@@ -24,7 +24,7 @@ from tests.trainer.test_train import FLAGS
 from trainer import checkpoints
 from trainer.data import TrainExample, step_batches
 from trainer.ranks import FsdpSettings, Ranks
-from trainer.train import plan_micro_batches
+from trainer.steps import plan_micro_batches
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parents[1] / "examples" / "accelerate"

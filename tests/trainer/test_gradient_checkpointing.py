@@ -11,7 +11,8 @@ import torch
 
 from tests.trainer.test_checkpoints import assert_same_steps
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, quick_config
-from trainer.train import TrainResult, enable_checkpointing, fine_tune
+from trainer.policy_setup import enable_checkpointing
+from trainer.train import TrainResult, fine_tune
 
 
 def count_block_forwards(model: Any) -> list[int]:

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.policy_setup as policy_setup
+import trainer.steps as steps
 import trainer.train as train_module
 from tests.conftest import build_tiny_model
 from tests.trainer.test_checkpoints import assert_same_steps, run
@@ -61,7 +63,7 @@ def test_at_most_one_parameter_holds_a_gradient_during_the_backward(
     for stepped in (True, False):
         model = copy.deepcopy(tiny_model)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        policy, reference, reference_model = train_module._prepare(model, config, None)
+        policy, reference, reference_model = policy_setup.prepare_policy(model, config, None)
         plan = train_module.forward_plan(policy, reference_model, True)
         assert plan.fused
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -75,7 +77,7 @@ def test_at_most_one_parameter_holds_a_gradient_during_the_backward(
         for p in params:
             p.register_post_accumulate_grad_hook(count)
         optimizer = AdamWInBackward(params, 1e-3, 0.0) if stepped else adamw(params, 1e-3, 0.0)
-        parts = train_module._micro_batch_loss(
+        parts = steps.micro_batch_loss(
             policy, reference, batch, config, plan, tokens, len(examples), False
         )
         parts.total.backward()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.policy_setup as policy_setup
 import trainer.train as train_module
 from tests.trainer.test_checkpoints import assert_same_steps
 from tests.trainer.test_train import FLAGS, PROMPTS, SAMPLES, count_forwards, quick_config
@@ -97,14 +98,14 @@ def test_full_finetuning_with_the_cache_drops_the_frozen_copy_and_its_forwards(
 ) -> None:
     model = copy.deepcopy(tiny_model)
     copies: list[weakref.ref[Any]] = []
-    real_frozen_copy = train_module.frozen_copy
+    real_frozen_copy = policy_setup.frozen_copy
 
     def capture(m: Any) -> Any:
         reference = real_frozen_copy(m)
         copies.append(weakref.ref(reference))
         return reference
 
-    monkeypatch.setattr(train_module, "frozen_copy", capture)
+    monkeypatch.setattr(policy_setup, "frozen_copy", capture)
     calls = count_forwards(model)  # the frozen copy's decoder inherits the hook
     per_step: list[int] = []
     alive: list[bool] = []

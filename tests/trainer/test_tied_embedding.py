@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+import trainer.policy_setup as policy_setup
+import trainer.steps as steps
 import trainer.train as train_module
 from tests.conftest import build_tiny_model
 from tests.trainer.test_checkpoints import assert_same_steps
@@ -44,7 +46,7 @@ def test_several_processes_keep_the_dense_gradient(tiny_tokenizer: Any) -> None:
     config = quick_config(lora=None, learning_rate=1e-3)
     for world, sparse in ((1, True), (2, False)):
         model = tied_model(tiny_tokenizer)
-        train_module._prepare(model, config, None, world)
+        policy_setup.prepare_policy(model, config, None, world)
         assert model.get_input_embeddings().sparse is sparse
 
 
@@ -58,7 +60,7 @@ def micro_batch_gradients(
     batch = collate(examples, pad_token_id(tokenizer))
     tokens = sum(e.num_response_tokens for e in examples)
     model = tied_model(tokenizer)
-    policy, reference, reference_model = train_module._prepare(model, config, None)
+    policy, reference, reference_model = policy_setup.prepare_policy(model, config, None)
     torch.manual_seed(7)
     with torch.no_grad():  # away from the frozen copy, so the KL and its gradient are not 0
         for param in model.parameters():
@@ -80,7 +82,7 @@ def micro_batch_gradients(
         embedding.weight.register_hook(lambda g: stored.append(g.is_sparse)),  # the sum
     ]
     try:
-        parts = train_module._micro_batch_loss(
+        parts = steps.micro_batch_loss(
             policy, reference, batch, config, plan, tokens, len(examples), False
         )
         assert float(parts.kl.detach()) > 0
@@ -117,7 +119,7 @@ def test_full_finetuning_of_a_tied_model_takes_the_dense_mode_steps(
     runs: dict[bool, TrainResult] = {}
     for sparse in (True, False):
         if not sparse:
-            monkeypatch.setattr(train_module, "sparse_tied_embedding_gradient", lambda m: False)
+            monkeypatch.setattr(policy_setup, "sparse_tied_embedding_gradient", lambda m: False)
         config = quick_config(lora=None, learning_rate=1e-3, n_epochs=2)
         model = tied_model(tiny_tokenizer)
         runs[sparse] = fine_tune(

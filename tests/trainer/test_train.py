@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import trainer.forward as forward_module
-import trainer.train as train_module
+import trainer.policy_setup as policy_setup
 from tests.conftest import (
     read_rolebench_rows,
     reference_label_ids,
@@ -22,7 +22,8 @@ from tests.conftest import (
 from trainer.config import LoraSettings, TrainConfig
 from trainer.data import collate, encode_examples, pad_token_id, select_kl_subset
 from trainer.loss import IGNORE_INDEX
-from trainer.train import TrainResult, fine_tune, lr_factor
+from trainer.steps import lr_factor
+from trainer.train import TrainResult, fine_tune
 from worker.encoding import ChatEncoder
 from worker.formats import Message, Sample
 from worker.prompts import Condition, RolePrompts
@@ -375,13 +376,13 @@ def test_full_finetuning_updates_weights_keeps_the_reference_and_reloads(
     model: Any, tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     references: list[Any] = []
-    real_frozen_copy = train_module.frozen_copy
+    real_frozen_copy = policy_setup.frozen_copy
 
     def capture(m: Any) -> Any:
         references.append(real_frozen_copy(m))
         return references[-1]
 
-    monkeypatch.setattr(train_module, "frozen_copy", capture)
+    monkeypatch.setattr(policy_setup, "frozen_copy", capture)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     config = quick_config(lora=None, learning_rate=1e-3, max_steps=2)
     result: TrainResult = fine_tune(
@@ -412,7 +413,7 @@ def test_full_finetuning_without_kl_keeps_no_reference_copy(
     model: Any, tiny_tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copies: list[Any] = []
-    monkeypatch.setattr(train_module, "frozen_copy", copies.append)
+    monkeypatch.setattr(policy_setup, "frozen_copy", copies.append)
     for config in (quick_config(lora=None, method="sft"), quick_config(lora=None, lambda_kl=0.0)):
         result = fine_tune(model, tiny_tokenizer, SAMPLES, FLAGS, PROMPTS, config, tmp_path)
         assert result.steps > 0 and all(h["kl"] == 0.0 for h in result.history)
