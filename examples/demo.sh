@@ -78,8 +78,17 @@ for setting, name in names.items():
         (b_lo, b_hi), (t_lo, t_hi) = base["refusal_ci95"][prompt_set], tuned["refusal_ci95"][prompt_set]
         print(
             f"{name:>12}: refusal on {prompt_set}: base {before:.0%} (95% CI {b_lo:.0%}-{b_hi:.0%})"
-            f" -> tuned {after:.0%} ({t_lo:.0%}-{t_hi:.0%}), {100 * (after - before):+.0f} points"
+            f" -> tuned {after:.0%} ({t_lo:.0%}-{t_hi:.0%})"
         )
+        # The same prompts answered by both: the paired difference is the one to read.
+        p = ev.get("paired", {}).get(setting, {}).get(prompt_set)
+        if p:
+            lo, hi = p["ci95"]
+            print(
+                f"{'':>12}  paired: {100 * p['difference']:+.0f} points (95% CI {100 * lo:+.0f} to "
+                f"{100 * hi:+.0f}), exact McNemar p={p['mcnemar_p']:.2g}; refused only before: "
+                f"{p['only_first']}, only after: {p['only_second']} of {p['n']}"
+            )
     print(f"{name:>12}: ROUGE-L base {base['rouge_l']:.1f} -> tuned {tuned['rouge_l']:.1f}")
 EOF
 echo "open $OUT/report.html; the adapter is $OUT/adapter.tar.gz"
