@@ -11,8 +11,8 @@ by :func:`trainer.evaluate.evaluate_model`:
 * ``bfloat16 bN``: a bfloat16 copy of the model (``dtype="auto"`` on CPU), batches of N.
 
 Each row reports the seconds per prompt, the ratio to the baseline (same run, same machine), the
-answers identical to the baseline's, and the phrase judge's verdicts that agree with the
-baseline's. FLOP utilisation counts
+answers identical to the baseline's, and the verdicts of the phrase and the rule judge that
+agree with the baseline's. FLOP utilisation counts
 2 x parameters per prompt and generated token (no padding, no attention) against the measured
 matmul peak of the row's dtype. ``--answers`` writes every answer of the baseline and of the
 fastest bfloat16 row, for reading.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_DATA, machine, matmul_peak_gflops, print_table, save_json
 from trainer.eval_sets import load_prompts
 from trainer.evaluate import evaluate_model
-from trainer.refusal import PhraseJudge
+from trainer.refusal import PhraseJudge, RuleJudge
 from worker.model_loader import load_model
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     for dtype, batch in plans:
         row = run(model, tokenizer, goals, dtype, batch, args.max_new_tokens)
         row.update(dtype=dtype, batch_size=batch)
-        row["judge"] = row["phrase"]
+        row["rules"] = [RuleJudge().judge(g, a) for g, a in zip(goals, row["answers"], strict=True)]
         tokens = tokens_processed(tokenizer, goals, row["answers"])
         row["gflops"] = 2 * params * tokens / row["seconds"] / 1e9
         row["of_peak"] = row["gflops"] / peaks[dtype]
@@ -113,18 +113,20 @@ def main() -> None:
         same = [a == b for a, b in zip(row["answers"], base["answers"], strict=True)]
         row["same_answer"] = sum(same) / len(same)
         row["phrase_agreement"] = agreement(row["phrase"], base["phrase"])
+        row["rules_agreement"] = agreement(row["rules"], base["rules"])
         table.append([
             f"{row['dtype']} b{row['batch_size']}", row["per_prompt_s"], row["speedup"],
             f"{100 * row['of_peak']:.0f}%", f"{100 * row['same_answer']:.0f}%",
-            f"{100 * row['phrase_agreement']:.0f}%",
-            f"{100 * sum(row['judge']) / len(goals):.0f}%",
+            f"{100 * row['phrase_agreement']:.0f}%", f"{100 * row['rules_agreement']:.0f}%",
+            f"{100 * sum(row['rules']) / len(goals):.0f}%",
         ])  # fmt: skip
     print(
         f"{args.model}, {len(goals)} AdvBench goals, {args.max_new_tokens} new tokens, greedy, "
         f"{args.threads} threads; agreement with float32 b8"
     )
     print_table(
-        ["path", "s/prompt", "x baseline", "of peak", "same answer", "same verdict", "refused"],
+        ["path", "s/prompt", "x baseline", "of peak", "same answer", "same phrase verdict",
+         "same rules verdict", "refused (rules)"],
         table,
     )  # fmt: skip
     fastest = max(runs[1:], key=lambda r: r["speedup"])

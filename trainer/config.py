@@ -34,8 +34,8 @@ TrainSystemPrompt = Literal["empty", "role", "none"]
 TRAIN_SYSTEM_PROMPTS = ("empty", "role", "none")
 CENormalization = Literal["sample_tokens", "response_tokens"]
 CE_NORMALIZATIONS = ("sample_tokens", "response_tokens")
-JudgeKind = Literal["phrases", "llm"]
-JUDGE_KINDS = ("phrases", "llm")
+JudgeKind = Literal["rules", "phrases", "llm"]
+JUDGE_KINDS = ("rules", "phrases", "llm")
 EvalSetting = Literal["default", "in_character"]
 EVAL_SETTINGS: tuple[EvalSetting, ...] = ("default", "in_character")
 EvalBackend = Literal["transformers", "vllm"]
@@ -251,9 +251,11 @@ class SafetySet:
 class JudgeSettings:
     """Who decides whether a response refused."""
 
-    kind: JudgeKind = "phrases"
-    """"phrases": the refusal-phrase matcher; "llm": a guard model behind an OpenAI-compatible
-    endpoint (``url`` and ``model`` required)."""
+    kind: JudgeKind = "rules"
+    """"rules": the refusal phrases plus refusals in other words and echoes of the request
+    (:class:`trainer.refusal.RuleJudge`, 96% agreement with hand-labelled answers); "phrases":
+    the refusal-phrase list alone; "llm": a guard model behind an OpenAI-compatible endpoint
+    (``url`` and ``model`` required)."""
     url: str | None = None
     """llm: the endpoint, e.g. http://guard:8000."""
     model: str | None = None

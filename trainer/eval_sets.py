@@ -58,6 +58,13 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def judged(self, prompt: str, response: str) -> tuple[str, str]:
+        """What a judge reads: the prompt as the model got it (the set's system message first)
+        and the answer, both through ``decode`` when the set has one."""
+        read = self.decode or (lambda text: text)
+        context = f"{self.system}\n\n" if self.system else ""
+        return read(context + prompt), read(response)
+
 
 def _read_text(path: Path) -> str:
     try:

@@ -132,8 +132,9 @@ def refusal_rate(
         model, tokenizer, role_prompts, prompts, max_new_tokens, batch_size, progress=progress,
         system=prompt_set.system,
     )  # fmt: skip
-    read = prompt_set.decode or (lambda response: response)
-    verdicts = [judge.judge(p, read(r)) for p, r in zip(prompts, responses, strict=True)]
+    verdicts = [
+        judge.judge(*prompt_set.judged(p, r)) for p, r in zip(prompts, responses, strict=True)
+    ]
     examples = tuple(map(SafetyExample, prompts[:n_examples], responses, verdicts))
     refused = sum(verdicts)
     return SafetyResult(

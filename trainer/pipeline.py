@@ -27,7 +27,7 @@ from trainer.config import EvalConfig, JudgeSettings
 from trainer.eval_sets import PromptSet, load_prompts, question_and_reference, split_validation
 from trainer.evaluate import evaluate_settings
 from trainer.jailbreaks import SOURCE_SET, is_jailbreak_set, jailbreak_set
-from trainer.refusal import Judge, LLMJudge, PhraseJudge
+from trainer.refusal import Judge, LLMJudge, PhraseJudge, RuleJudge
 from trainer.report import (
     EvaluationSection,
     build_report,
@@ -382,4 +382,4 @@ def _judge(settings: JudgeSettings, api_key: str | None) -> Judge:
     if settings.kind == "llm":
         assert settings.url and settings.model  # JudgeSettings checks it
         return LLMJudge(settings.url, settings.model, api_key=api_key)
-    return PhraseJudge()
+    return PhraseJudge() if settings.kind == "phrases" else RuleJudge()

@@ -155,7 +155,9 @@ class JudgeIn(BaseModel):
     )
 
     kind: JudgeKind = Field(
-        default=_JUDGE.kind, description="Refusal-phrase matcher, or an OpenAI-compatible guard."
+        default=_JUDGE.kind,
+        description="rules: refusal phrases, refusals in other words and echoes (default); "
+        "phrases: the refusal-phrase list alone; llm: an OpenAI-compatible guard model.",
     )
     url: str | None = Field(
         default=_JUDGE.url, description="llm: the endpoint, e.g. http://guard:8000"
