@@ -80,7 +80,15 @@ def test_a_run_goes_through_its_phases_and_publishes(tiny_model_dir: Path, tmp_p
     assert result["num_validation"] == 4 and result["base_model"] == str(tiny_model_dir)
     train_idx, _ = split_validation(list(range(len(SAMPLES))), 0.25, 100, VALIDATION_SEED)
     assert result["num_flagged"] == sum(FLAGS[i] for i in train_idx)
-    assert set(result["evaluation"]) == {"base", "tuned"}
+    assert set(result["evaluation"]) == {"base", "tuned", "paired"}
+    # The same prompts answered by both models, paired: one difference per setting and set.
+    for setting in ("default", "in_character"):
+        paired = result["evaluation"]["paired"][setting]["inline"]
+        rates = [
+            result["evaluation"][w][setting]["refusal_rate"]["inline"] for w in ("base", "tuned")
+        ]
+        assert paired["difference"] == pytest.approx(rates[1] - rates[0])
+        assert 0.0 <= paired["mcnemar_p"] <= 1.0
     for which in ("base", "tuned"):  # both settings, each with its 95% interval
         assert set(result["evaluation"][which]) == {"default", "in_character"}
         (low, high) = result["evaluation"][which]["default"]["refusal_ci95"]["inline"]
