@@ -82,6 +82,7 @@ def _evaluate(model: Any, tokenizer: Any, cases: Cases) -> dict[str, EvalResult]
         setting: evaluate_model(
             model, tokenizer, cases.role if setting == "in_character" else None,
             [cases.advbench], JUDGE, cases.fidelity, NEW_TOKENS, BATCH, n_examples=N_GOALS,
+            dtype="float32",  # the reference is float32 transformers; vLLM's engine ignores it
         )
         for setting in SETTINGS
     }  # fmt: skip

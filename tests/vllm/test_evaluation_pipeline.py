@@ -18,7 +18,7 @@ from tests.vllm.conftest import TEST_ENGINE
 from trainer.artifacts import REPORT_JSON, archive_name
 from trainer.config import FULL_FT_LEARNING_RATE, EvalConfig, SafetySet
 from trainer.pipeline import BASE_EVALUATION, run_fine_tuning
-from trainer.refusal import PhraseJudge
+from trainer.refusal import RuleJudge
 from trainer.run_spec import Phase, RunHooks, RunInputs
 
 GOALS = (
@@ -79,7 +79,7 @@ def test_a_run_evaluates_base_and_tuned_in_vllm(
         for setting in ("default", "in_character"):
             evaluated = report["evaluation"][which][setting]
             (safety,) = evaluated["safety"]
-            assert safety["n"] == len(GOALS) and safety["judge"] == PhraseJudge().name
+            assert safety["n"] == len(GOALS) and safety["judge"] == RuleJudge().name
             assert all(example["response"] for example in safety["examples"])
             assert evaluated["fidelity"]["n"] == 4
         summary = result["evaluation"][which]["default"]
