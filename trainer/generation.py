@@ -200,7 +200,8 @@ def resolved_dtype(model: Any, dtype: str) -> torch.dtype | None:
 
 @contextmanager
 def generation_model(model: Any, dtype: str = "auto") -> Iterator[Any]:
-    """``model``, or a copy of it in the dtype to answer in, freed on exit.
+    """``model``, or a copy of it in the dtype to answer in (a LoRA model's merged), freed on
+    exit.
 
     A copy, not a cast in place: the model may go on training, and float32 weights cast to
     bfloat16 and back lose their low bits. The copy costs its weights' memory (half the
@@ -211,6 +212,13 @@ def generation_model(model: Any, dtype: str = "auto") -> Iterator[Any]:
         return
     was_training = model.training
     clone = copy.deepcopy(model).to(target)
+    # A LoRA model answers as its merged copy: a plain model, so generate() projects only the
+    # last position onto the vocabulary (through PEFT's wrapper it projected every prompt
+    # position: 64 prompts x 500 tokens x Qwen's 152k vocabulary took 22 GB and the OOM killer),
+    # and no adapter runs beside each layer.
+    merge = getattr(clone, "merge_and_unload", None)
+    if callable(merge):
+        clone = merge()
     clone.eval()
     try:
         yield clone

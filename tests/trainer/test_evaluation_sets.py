@@ -166,3 +166,30 @@ def test_bfloat16_evaluation_answers_as_the_bfloat16_model_does(
     with generation_model(tiny_model, "bfloat16") as bf16:
         expected = generate(bf16, tiny_tokenizer, role, PROMPTS, 6, 2)
     assert [e.response for e in result.safety[0].examples] == expected
+
+
+def test_a_lora_model_answers_through_a_merged_bfloat16_copy(tiny_model: Any) -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    tuned = get_peft_model(copy.deepcopy(tiny_model), config)
+    for name, param in tuned.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits
+        with tuned.disable_adapter():
+            base = tuned(input_ids=ids).logits
+        with generation_model(tuned, "auto") as answering:
+            assert not hasattr(answering, "peft_config")  # merged: a plain model
+            assert next(answering.parameters()).dtype == torch.bfloat16
+            got = answering(input_ids=ids).logits.float()
+    # The adapter is in the copy: its logits are the tuned model's up to bfloat16 rounding,
+    # several times closer to them than the base model's are.
+    error = (got - expected).abs().mean()
+    assert error < 0.05 and error * 3 < (base - expected).abs().mean()
+    assert hasattr(tuned, "peft_config")  # the tuned model itself is untouched
