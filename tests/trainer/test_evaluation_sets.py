@@ -193,3 +193,17 @@ def test_a_lora_model_answers_through_a_merged_bfloat16_copy(tiny_model: Any) ->
     error = (got - expected).abs().mean()
     assert error < 0.05 and error * 3 < (base - expected).abs().mean()
     assert hasattr(tuned, "peft_config")  # the tuned model itself is untouched
+
+
+def test_the_lm_head_gets_contiguous_inputs_and_loses_the_hook_after(
+    tiny_model: Any, tiny_tokenizer: Any
+) -> None:
+    head = tiny_model.get_output_embeddings()
+    seen: list[bool] = []
+    recorder = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        generate(tiny_model, tiny_tokenizer, None, PROMPTS, 3, 4)
+    finally:
+        recorder.remove()
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks  # the generation's own hook is gone
