@@ -7,8 +7,8 @@
         [--advbench 100] [--beavertails 140] [--jailbreak-goals 50] [--max-new-tokens 64]
         [--threads N] [--out out/paper] [--only CELL ...] [--report] [--json FILE]
 
-Cells, each saved to ``OUT/cells/<id>.json`` as it finishes (a rerun skips finished cells, so a
-run can span sessions; ``--report`` only reads them):
+Cells, each saved to ``bench/paper_cells/<id>.json.gz`` as it finishes and committed (a rerun
+skips finished cells, so a run can span sessions and checkouts; ``--report`` only reads them):
 
 1. per role, RoleBench's role-generalization rows (the first --max-train) scored by the RDS
    engine under SaRFT's own prompts for the role; 10 rows held out (seed 0) for ROUGE-L;
@@ -31,6 +31,7 @@ Run it alone, or pinned (``taskset -c 1 python bench/paper.py --threads 1``) bes
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import time
@@ -57,6 +58,8 @@ from worker.scoring.backends import ScoreConfig
 
 ROLEBENCH = SHARED_DATA / "rolebench" / "role_generalization_role_specific.jsonl"
 ROLE_PROMPTS = SHARED_DATA / "sarft" / "role_prompts_v2.json"
+CELLS = Path(__file__).resolve().parent / "paper_cells"
+"""Finished cells, gzipped JSON, committed: a run spans sessions and checkouts."""
 ROLES = ("John Doe", "Andrew Detmer", "John Keating", "Jack Sparrow")
 METHODS: tuple[Method, ...] = ("sft", "random", "flip", "sarft")
 VALIDATION_SEED = 0
@@ -216,7 +219,10 @@ def main() -> None:
     parser.add_argument("--jailbreak-goals", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=Path("out/paper"))
+    parser.add_argument("--out", type=Path, default=Path("out/paper"), help="scores, adapters")
+    parser.add_argument(
+        "--cells", type=Path, default=CELLS, help="finished cells (kept in the repository)"
+    )
     parser.add_argument("--only", nargs="+", default=None, help="cell ids to run (default: all)")
     parser.add_argument("--report", action="store_true", help="only print the tables")
     parser.add_argument("--judge", choices=("phrases", "rules"), default="rules")
@@ -225,13 +231,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cells = plan(args)
-    cells_dir = args.out / "cells"
+    cells_dir = args.cells
     if not args.report:
         sets = safety_sets(args)
         data: dict[str, RoleData] = {}
         started = time.perf_counter()
         for cell in cells:
-            path = cells_dir / f"{cell.id}.json"
+            path = cells_dir / f"{cell.id}.json.gz"
             if path.exists() or (args.only and cell.id not in args.only):
                 continue
             if cell.role not in data:
@@ -241,7 +247,7 @@ def main() -> None:
             record["machine"] = machine()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record), encoding="utf-8")
+            tmp.write_bytes(gzip.compress(json.dumps(record).encode("utf-8"), mtime=0))
             tmp.replace(path)
             elapsed = (time.perf_counter() - started) / 60
             print(f"[{elapsed:6.1f} min] {cell.id} done", flush=True)

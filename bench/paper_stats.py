@@ -17,6 +17,7 @@ under different roles as independent, the bootstrap does not).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 from collections.abc import Sequence
@@ -119,9 +120,9 @@ def report(cells: Sequence[Any], cells_dir: Path, args: argparse.Namespace) -> d
     judge: Judge = RuleJudge() if args.judge == "rules" else PhraseJudge()
     records = {}
     for cell in cells:
-        path = cells_dir / f"{cell.id}.json"
+        path = cells_dir / f"{cell.id}.json.gz"
         if path.exists():
-            records[cell.id] = (cell, json.loads(path.read_text(encoding="utf-8")))
+            records[cell.id] = (cell, json.loads(gzip.decompress(path.read_bytes())))
     if not records:
         print("no finished cells yet")
         return {}
@@ -135,14 +136,11 @@ def report(cells: Sequence[Any], cells_dir: Path, args: argparse.Namespace) -> d
             "train_s": rec.get("train", {}).get("seconds"),
             "eval_s": rec["eval_seconds"],
         }
-    main = {
-        c.role: {
-            c.method: c.id
-            for c in cells
-            if c.seed == 0 and (c.method == "base" or c.lambda_kl == args.lambda_kl)
-        }
-        for c in cells
-    }
+    # The main table's cell per role and method: seed 0, the main lambda.
+    main: dict[str, dict[str, str]] = {}
+    for c in cells:
+        if c.seed == 0 and (c.method == "base" or c.lambda_kl == args.lambda_kl):
+            main.setdefault(c.role, {})[c.method] = c.id
     _print_main(main, out["cells"], args)
     out["paired"] = _print_paired(main, verdicts, args)
     out["seeds"] = _seeds(cells, out["cells"], args)
