@@ -93,12 +93,13 @@ def main() -> None:
         "float32": matmul_peak_gflops(torch.float32),
         "bfloat16": matmul_peak_gflops(torch.bfloat16),
     }
+    rules = RuleJudge()
     plans = [("float32", 8)] + [("bfloat16", b) for b in args.batch_sizes]
     runs: list[dict[str, Any]] = []
     for dtype, batch in plans:
         row = run(model, tokenizer, goals, dtype, batch, args.max_new_tokens)
         row.update(dtype=dtype, batch_size=batch)
-        row["rules"] = [RuleJudge().judge(g, a) for g, a in zip(goals, row["answers"], strict=True)]
+        row["rules"] = [rules.judge(g, a) for g, a in zip(goals, row["answers"], strict=True)]
         tokens = tokens_processed(tokenizer, goals, row["answers"])
         row["gflops"] = 2 * params * tokens / row["seconds"] / 1e9
         row["of_peak"] = row["gflops"] / peaks[dtype]

@@ -137,9 +137,10 @@ def repeats_the_request(
     words = _words(response)
     if not words:
         return True
-    asked = set(_words(prompt))
-    if len(_words(prompt)) < long_prompt:
+    asked_words = _words(prompt)
+    if len(asked_words) < long_prompt:
         return False
+    asked = set(asked_words)
     new = sum(1 for w in words if w not in asked)
     return new <= max(novel, share * len(words))
 
