@@ -39,6 +39,10 @@ def _reaper(every: float) -> None:
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")],
+    name: Annotated[
+        str | None,
+        typer.Option(help="Who uses the key: recorded with each review it makes."),
+    ] = None,
 ) -> None:
     """Create an API key; the key is printed alone on the last line, once."""
     from service.core.auth import create_key
@@ -47,7 +51,11 @@ def keys_create(
 
     upgrade()
     with session_scope() as session:
-        key = create_key(session, tenant)
+        try:
+            key = create_key(session, tenant, name)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
     typer.echo(f"API key for tenant {tenant!r} (shown once, store it now):", err=True)
     typer.echo(key)
 

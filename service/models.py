@@ -50,6 +50,8 @@ class ApiKey(Base):
     # sha256 of the key: keys are shown once and never stored in the clear.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hint: Mapped[str] = mapped_column(String(20))
+    # Who uses the key (a reviewer's name in the audit trail); null: "key ...<hint>".
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -137,11 +139,35 @@ class SampleScore(Base):
         ForeignKey("scoring_jobs.id", ondelete="CASCADE"), primary_key=True
     )
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
-    flagged: Mapped[bool] = mapped_column(Boolean)
+    flagged: Mapped[bool] = mapped_column(Boolean)  # RDS's flag; a review may overrule it
     scores: Mapped[str] = mapped_column(Text)  # the JSON object `sarft score` writes
+    # s_unsafe - s_role (the scores' "delta") as a column, so a review list sorts by risk in
+    # the database; null where it is not finite.
+    delta: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 Index("ix_sample_scores_flagged", SampleScore.job_id, SampleScore.flagged, SampleScore.idx)
+Index("ix_sample_scores_delta", SampleScore.job_id, SampleScore.delta, SampleScore.idx)
+
+
+class ReviewDecision(StrEnum):
+    FLAG = "flag"
+    KEEP = "keep"
+
+
+class SampleReview(Base):
+    """A reviewer's decision on one scored sample: it overrules RDS's flag (the effective
+    flag); no row: RDS's flag stands. Every change is also a job event (the audit trail)."""
+
+    __tablename__ = "sample_reviews"
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("scoring_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    decision: Mapped[str] = mapped_column(String(10))
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reviewer: Mapped[str] = mapped_column(String(100))
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class JobEvent(Base):
@@ -201,6 +227,9 @@ class FineTuningJob(Base):
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     estimated_finish: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    # The effective flags it trains on, fixed at creation: counts and the overrules of RDS's
+    # flags (sample indices each way), so later reviews change neither the run nor its report.
+    curation: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class FineTuningCheckpoint(Base):

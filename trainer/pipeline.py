@@ -286,7 +286,7 @@ def _publish(
     """Write the report, then the archive (recorded in ``result``) in place of the weights."""
     report = build_report(
         {"id": inputs.run_id, "role": inputs.prompts.name, **result},
-        scoring_section(inputs.scores, inputs.margin),
+        scoring_section(inputs.scores, inputs.margin, inputs.curation),
         trained.history,
         inputs.config.to_dict(),
         evaluation,

@@ -22,6 +22,8 @@ class ScoringSection(TypedDict):
     then required and the page shows a histogram of delta instead of the scatter."""
     margin: float
     flagged_fraction: float
+    curation: NotRequired[dict[str, Any] | None]
+    """Reviewers' overrules of RDS's flags the run trained with (counts and indices)."""
 
 
 class HistoryRow(TypedDict):
@@ -59,15 +61,21 @@ class Report(TypedDict, total=False):
 # --- assembly -------------------------------------------------------------------------------------
 
 
-def scoring_section(scores: Sequence[Mapping[str, Any]], margin: float) -> ScoringSection:
-    """The RDS result the run trained with: one point per sample, in sample order."""
+def scoring_section(
+    scores: Sequence[Mapping[str, Any]], margin: float, curation: Mapping[str, Any] | None = None
+) -> ScoringSection:
+    """The flags the run trained with (RDS's, with reviewers' overrules where ``curation``
+    records any): one point per sample, in sample order."""
     points = [[s["s_role"], s["s_unsafe"], bool(s["flagged"]), s.get("delta")] for s in scores]
     flagged = sum(1 for p in points if p[2])
-    return {
+    section: ScoringSection = {
         "points": points,
         "margin": margin,
         "flagged_fraction": flagged / len(points) if points else 0.0,
     }
+    if curation is not None:
+        section["curation"] = dict(curation)
+    return section
 
 
 def history_row(record: Mapping[str, float]) -> HistoryRow:

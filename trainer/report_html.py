@@ -92,7 +92,18 @@ def _scoring_html(scoring: Mapping[str, Any] | None) -> str:
         fraction = flagged / len(points) if points else 0.0
     text = f"<p>Flagged fraction: {100 * fraction:.1f}% (flag when s_unsafe - s_role &gt; "
     text += f"{margin:g}). Plotted: {len(points)} samples, {flagged} flagged.</p>"
+    text += _curation_html(scoring.get("curation"))
     return text + (_scoring_plot(points, margin) if points else "<p>No scores.</p>")
+
+
+def _curation_html(curation: Mapping[str, Any] | None) -> str:
+    if not curation or not curation.get("reviewed"):
+        return ""
+    to_flag, to_keep = len(curation.get("to_flag") or ()), len(curation.get("to_keep") or ())
+    return (
+        f"<p>Reviewed: {int(curation['reviewed'])} samples; reviewers flagged {to_flag} that "
+        f"RDS did not and kept {to_keep} that RDS flagged (the flags above include them).</p>"
+    )
 
 
 def _training_html(training: Mapping[str, Any] | None) -> str:

@@ -72,6 +72,9 @@ class RunInputs:
     """The RDS scores of each sample (``SampleScores.to_json()``), in sample order."""
     margin: float
     """The margin the flags were computed with (shown in the report)."""
+    curation: Mapping[str, Any] | None = None
+    """Reviewers' decisions in the flags (the service's record: counts and the overruled
+    sample indices, ``to_flag`` and ``to_keep``); ``scores`` carry the effective flags."""
     validation_samples: Sequence[Sample] | None = None
     """A separate validation set (with ``validation_scores``); None holds out a fraction of
     ``samples`` when the run evaluates, and validates on nothing otherwise."""

@@ -14,6 +14,7 @@ from service.core.events import add_event, timestamp
 from service.core.ids import new_id
 from service.core.queue import require_queue
 from service.core.scoping import get_owned
+from service.curation import flags
 from service.datasets import service as datasets
 from service.fine_tuning.schemas import (
     EvaluationIn,
@@ -158,6 +159,11 @@ def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineT
         validation, validation_scoring = _validation_inputs(
             session, tenant_id, body.validation_dataset_id, dataset, scoring
         )
+    # The effective flags now: reviews made later change neither this run nor its report.
+    curation = flags.snapshot(session, scoring.id)
+    curation["validation"] = (
+        None if validation_scoring is None else flags.snapshot(session, validation_scoring.id)
+    )
     job = FineTuningJob(
         id=new_id("ftjob"),
         tenant_id=tenant_id,
@@ -177,9 +183,14 @@ def create(session: Session, tenant_id: str, body: FineTuningJobCreate) -> FineT
         evaluation=None if plan is None else plan.to_dict(),
         step=0,
         attempts=0,
+        curation=curation,
     )
     session.add(job)
-    add_event(session, job.id, "job created", method=config.method, samples=dataset.num_samples)
+    add_event(
+        session, job.id, "job created", method=config.method, samples=dataset.num_samples,
+        flagged=curation["flagged"], overrides_to_flag=len(curation["to_flag"]),
+        overrides_to_keep=len(curation["to_keep"]),
+    )  # fmt: skip
     session.flush()
     enqueue(session, job.id)
     return job
@@ -273,4 +284,5 @@ def to_out(job: FineTuningJob) -> FineTuningJobOut:
         finished_at=timestamp(job.finished_at),
         error=error,
         result=job.result,
+        curation=job.curation,
     )

@@ -37,6 +37,7 @@ from service.core.heartbeat import Heartbeat
 from service.core.ids import new_id
 from service.core.job_state import WORKER_NAME
 from service.core.queue import TRAINING_QUEUE, dispatch, get_queue
+from service.curation.flags import apply_snapshot
 from service.datasets.repository import load_samples
 from service.fine_tuning.storage import artifact_dir
 from service.models import (
@@ -243,7 +244,8 @@ def load_inputs(job_id: str) -> RunInputs:
             raise InvalidInputs("the dataset or its scoring job was deleted")
         role = session.get(Role, dataset.role_id)
         assert role is not None
-        samples, scores = _scored_samples(session, dataset, scoring)
+        curation = job.curation or {}
+        samples, scores = _scored_samples(session, dataset, scoring, curation)
         validation: list[Any] | None = None
         validation_scores: list[dict[str, Any]] = []
         if job.validation_dataset_id is not None:
@@ -251,7 +253,9 @@ def load_inputs(job_id: str) -> RunInputs:
             v_scoring = session.get(ScoringJob, job.validation_scoring_job_id)
             if v_dataset is None or v_scoring is None:
                 raise InvalidInputs("the validation dataset or its scoring job was deleted")
-            validation, validation_scores = _scored_samples(session, v_dataset, v_scoring)
+            validation, validation_scores = _scored_samples(
+                session, v_dataset, v_scoring, curation.get("validation")
+            )
         return RunInputs(
             run_id=job.id,
             model=None if is_bundled(job.model) else job.model,
@@ -261,16 +265,19 @@ def load_inputs(job_id: str) -> RunInputs:
             samples=samples,
             scores=scores,
             margin=scoring.margin,
+            curation=job.curation,
             validation_samples=validation,
             validation_scores=validation_scores,
         )
 
 
 def _scored_samples(
-    session: Session, dataset: Dataset, scoring: ScoringJob
+    session: Session, dataset: Dataset, scoring: ScoringJob, curation: dict[str, Any] | None
 ) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The samples and their scores, each ``flagged`` the effective flag the job recorded."""
     samples = load_samples(session, dataset)
     scores = load_scores(session, scoring.id)
+    apply_snapshot(scores, curation)
     missing = [s.index for s in samples if s.index not in scores]
     if missing:
         raise InvalidInputs(

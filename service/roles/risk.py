@@ -23,7 +23,16 @@ from sqlalchemy.orm import Session
 
 from service.core.events import timestamp
 from service.core.pagination import ListParams, ListResponse, paginate
-from service.models import Dataset, DatasetSample, JobStatus, Role, SampleScore, ScoringJob
+from service.curation.flags import effectively_flagged, review_join
+from service.models import (
+    Dataset,
+    DatasetSample,
+    JobStatus,
+    Role,
+    SampleReview,
+    SampleScore,
+    ScoringJob,
+)
 from service.roles.schemas import DifferenceStats, FlaggedSample, Histogram, RoleRisk
 from trainer.intervals import wilson_interval
 from worker.formats import DatasetFormat, response_text, sample_from_record
@@ -148,14 +157,16 @@ def scan_scores(session: Session, job_id: str, keep: int) -> _ScoreScan:
     scan = _ScoreScan(keep=keep)
     last = -1
     while True:
+        # The effective flag: a reviewer's decision overrules RDS's.
         rows = session.execute(
-            select(SampleScore.idx, SampleScore.flagged, SampleScore.scores)
+            select(SampleScore.idx, effectively_flagged(), SampleScore.delta)
+            .outerjoin(SampleReview, review_join())
             .where(SampleScore.job_id == job_id, SampleScore.idx > last)
             .order_by(SampleScore.idx)
             .limit(SCORES_PAGE)
         ).all()
-        for idx, flagged, scores in rows:
-            scan.add(idx, bool(flagged), float(json.loads(scores)["delta"]))
+        for idx, flagged, delta in rows:
+            scan.add(idx, bool(flagged), math.nan if delta is None else delta)
         if len(rows) < SCORES_PAGE:
             return scan
         last = rows[-1][0]

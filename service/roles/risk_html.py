@@ -203,7 +203,8 @@ def render_html(page: ListResponse[RoleRisk]) -> str:
         "<title>sarft: risk per role</title>"
         f"<style>{CSS}</style></head><body><h1>Risk per role</h1>"
         "<p>Each role's latest succeeded scoring job. A sample is flagged when "
-        "<code>s_unsafe - s_role</code> exceeds the job's margin; the whiskers are the Wilson "
+        "<code>s_unsafe - s_role</code> exceeds the job's margin, unless a reviewer decided "
+        "otherwise (the effective flag); the whiskers are the Wilson "
         "95% interval of the flagged fraction.</p>"
         f"{more}{body}</body></html>"
     )

@@ -16,10 +16,12 @@ from service.core.events import add_event, timestamp
 from service.core.ids import new_id
 from service.core.queue import require_queue
 from service.core.scoping import get_owned
+from service.curation.flags import effectively_flagged, review_join
 from service.datasets import service as datasets
 from service.models import (
     DatasetSample,
     JobStatus,
+    SampleReview,
     SampleScore,
     ScoringJob,
     ScoringShard,
@@ -93,7 +95,8 @@ def cancel(session: Session, tenant_id: str, job_id: str) -> ScoringJob:
 
 
 def stream_subset(job_id: str, dataset_id: str, flagged_only: bool) -> Iterator[bytes]:
-    """JSONL in upload order: each record as uploaded, plus its ``scores``.
+    """JSONL in upload order: each record as uploaded, plus its ``scores`` (with RDS's flag),
+    and its ``review`` where a reviewer decided (the subset is the effectively flagged rows).
 
     Pages by sample index with its own sessions, so memory stays flat and no
     transaction is held open while the client reads.
@@ -102,24 +105,35 @@ def stream_subset(job_id: str, dataset_id: str, flagged_only: bool) -> Iterator[
     while True:
         with session_scope() as session:
             stmt = (
-                select(DatasetSample.idx, DatasetSample.record, SampleScore.scores)
+                select(
+                    DatasetSample.idx,
+                    DatasetSample.record,
+                    SampleScore.scores,
+                    SampleReview.decision,
+                    SampleReview.note,
+                    SampleReview.reviewer,
+                )
                 .join(
                     SampleScore,
                     (SampleScore.idx == DatasetSample.idx) & (SampleScore.job_id == job_id),
                 )
+                .outerjoin(SampleReview, review_join())
                 .where(DatasetSample.dataset_id == dataset_id, DatasetSample.idx > last)
                 .order_by(DatasetSample.idx)
                 .limit(PAGE)
             )
             if flagged_only:
-                stmt = stmt.where(SampleScore.flagged.is_(True))
+                stmt = stmt.where(effectively_flagged())
             rows = session.execute(stmt).all()
         if not rows:
             return
         lines = []
-        for _idx, record, scores in rows:
+        for _idx, record, scores, decision, note, reviewer in rows:
             line = json.loads(record)
             line["scores"] = json.loads(scores)
+            if decision is not None:
+                # The scores keep RDS's flag; a review (the effective flag) rides beside it.
+                line["review"] = {"decision": decision, "note": note, "reviewer": reviewer}
             lines.append(json.dumps(line, ensure_ascii=False) + "\n")
         yield "".join(lines).encode()
         last = rows[-1][0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from datetime import timedelta
 from typing import Any
@@ -243,6 +244,7 @@ def _write_chunk(job_id: str, scores: list[SampleScores]) -> None:
                         "idx": s.index,
                         "flagged": s.flagged,
                         "scores": json.dumps(s.to_json()),
+                        "delta": s.delta if math.isfinite(s.delta) else None,
                     }
                     for s in scores
                 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from sqlalchemy import select
@@ -40,6 +41,7 @@ def _scored(api: SarftClient, tmp_path: Path, name: str, deltas: list[float]) ->
                     idx=idx,
                     flagged=scores.flagged,
                     scores=json.dumps(scores.to_json()),
+                    delta=scores.delta if math.isfinite(scores.delta) else None,
                 )
             )
         row = session.get(ScoringJob, job["id"])
