@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from service.core.auth import CallerDep, TenantDep
 from service.core.deps import SessionDep
 from service.core.errors import ERROR_RESPONSES
-from service.core.pagination import ListParams, ListResponse, list_params
+from service.core.pagination import ListParams, ListResponse
 from service.curation import service
 from service.curation.flags import curation_counts
 from service.curation.schemas import (
@@ -28,6 +28,21 @@ router = APIRouter(prefix="/v1/scoring_jobs", tags=["review"], responses=ERROR_R
 me_router = APIRouter(prefix="/v1", tags=["review"], responses=ERROR_RESPONSES)
 
 Index = Annotated[int, Path(ge=0, le=INDEX_MAX, description="The sample's 0-based index.")]
+
+
+def sample_list_params(
+    after: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[0-9]{1,10}$",
+            description="Return samples after this one: the index of a previous page's last.",
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size (1-100).")] = 20,
+) -> ListParams:
+    return ListParams(after=after, limit=limit)
+
+
 NOT_SUCCEEDED: dict[int | str, dict[str, Any]] = {
     409: {"description": "The scoring job has not succeeded"}
 }
@@ -44,7 +59,7 @@ def list_samples(
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
-    params: Annotated[ListParams, Depends(list_params)],
+    params: Annotated[ListParams, Depends(sample_list_params)],
     flagged: Annotated[bool | None, Query(description="By the effective flag.")] = None,
     rds_flagged: Annotated[bool | None, Query(description="By RDS's flag.")] = None,
     reviewed: Annotated[bool | None, Query(description="Reviewed or not.")] = None,

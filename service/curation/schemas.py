@@ -6,10 +6,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core.json_types import INTEGRAL_FLOAT_AS_INT
+
 NOTE_MAX = 2000
 BULK_MAX = 1000
 INDEX_MAX = 2**31 - 1
-SampleIndex = Annotated[int, Field(ge=0, le=INDEX_MAX)]
+# JSON Schema counts 7.0 as an integer: the validator after the bounds keeps them in the schema.
+SampleIndex = Annotated[int, Field(ge=0, le=INDEX_MAX), INTEGRAL_FLOAT_AS_INT]
 Decision = Literal["flag", "keep"]
 SampleOrder = Literal["difference_desc", "difference_asc", "index"]
 
@@ -46,7 +49,11 @@ class ReviewIn(BaseModel):
     decision: Decision | None = Field(
         description="flag or keep; null clears the review (RDS's flag stands again)."
     )
-    note: str | None = Field(default=None, max_length=NOTE_MAX)
+    note: str | None = Field(
+        default=None,
+        max_length=NOTE_MAX,
+        description="Why; kept with the review, and in the audit event (a clearing's reason too).",
+    )
 
 
 class BulkReviewIn(ReviewIn):

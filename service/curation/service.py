@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from service.core.auth import Caller
 from service.core.db import utcnow
-from service.core.errors import APIError, Conflict, NotFound, Unprocessable
+from service.core.errors import APIError, Conflict, NotFound
 from service.core.events import add_event, timestamp
 from service.curation.flags import (
     CurationCounts,
@@ -115,11 +115,11 @@ def _conditions(where: SampleFilter) -> list[ColumnElement[bool]]:
 
 def _after(session: Session, job: ScoringJob, order: SampleOrder, after: str) -> Any:
     """The keyset condition for the page after sample ``after`` in ``order``."""
-    if not after.isdigit() or int(after) > INDEX_MAX:
+    if not after.isdigit():  # the route's pattern admits digits only
         raise APIError(
             "after must be a sample index (a number) from the previous page", param="after"
         )
-    idx = int(after)
+    idx = min(int(after), INDEX_MAX)  # no sample lies beyond: an empty page
     if order == "index":
         return SampleScore.idx > idx
     anchor = session.scalar(
@@ -185,10 +185,6 @@ def _apply(
     """Writes one decision on every sample of ``indices`` and one audit event; returns how
     many samples changed. The samples' score rows are locked first (in index order), so
     concurrent reviews of a sample serialise instead of colliding on the insert."""
-    if body.decision is None and body.note is not None:
-        raise Unprocessable(
-            "a note goes with a decision; clearing a review takes none", param="note"
-        )
     wanted = sorted(set(indices))
     found = session.scalars(
         select(SampleScore.idx)

@@ -29,6 +29,19 @@ FILE_TYPES = {
 }
 
 
+# The file's content is checked by the server, not by the schema: JSON Schema cannot say
+# "JSONL records in a supported format", so an upload can be schema-valid and still answer
+# 422. That 422 is the contract, documented here; a fuzzer must be told to expect it for this
+# operation (tests/service/schemathesis.toml), since its positive-data check does not read
+# the documented responses. Only the empty file is also said in the schema (minLength).
+UNPROCESSABLE_UPLOAD = (
+    "invalid_file: the file is not a dataset; error.errors lists {line, message} (first 100). "
+    "An empty file, or one with no samples (blank lines only, an empty JSON array), is "
+    'rejected too: one error at line 0, "the file is empty (no samples)". '
+    "invalid_request: a form field or the Idempotency-Key does not validate."
+)
+
+
 @router.post(
     "",
     status_code=201,
@@ -38,14 +51,22 @@ FILE_TYPES = {
         409: {"description": "Idempotency-Key reused for another file"},
         413: {"description": "File over the size limit"},
         415: {"description": "Not a multipart upload of a JSON/JSONL file"},
-        422: {"description": "Invalid records: error.errors lists {line, message} (first 100)"},
+        422: {"description": UNPROCESSABLE_UPLOAD},
     },
 )
 def upload_dataset(
     response: Response,
     session: SessionDep,
     tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="JSONL or JSON in a supported format.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="JSONL or JSON in a supported format, with at least one sample.",
+            # A zero-byte file is never a dataset: said in the schema, so that generators
+            # (fuzzers) know it is invalid, and its 422 rejects an invalid request.
+            json_schema_extra={"minLength": 1},
+        ),
+    ],
     role_id: Annotated[str | None, Form(min_length=1, description="An existing role.")] = None,
     role_name: Annotated[
         str | None,
@@ -75,7 +96,12 @@ def upload_dataset(
         ),
     ] = None,
 ) -> DatasetOut:
-    """Upload a character's training dialogues; the whole file is validated first."""
+    """Upload a character's training dialogues; the whole file is validated first.
+
+    A file with no samples is rejected with 422, error code `invalid_file`: an empty file,
+    blank lines only, or an empty JSON array (one error, line 0, "the file is empty (no
+    samples)"). A dataset with nothing to score is of no use, so none is stored.
+    """
     content_type = (file.content_type or "").split(";")[0].strip().lower()
     if content_type not in FILE_TYPES:
         raise UnsupportedMediaType(f"unsupported file type {content_type!r}", param="file")

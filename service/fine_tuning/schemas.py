@@ -3,6 +3,9 @@
 Every default is read from the trainer's dataclasses (:class:`trainer.config.TrainConfig`,
 :class:`~trainer.config.LoraSettings`, :class:`~trainer.config.EvalConfig`,
 :class:`~trainer.config.JudgeSettings`): the SaRFT authors' choices, written once.
+
+The bodies are strict (``true`` is no number, ``"7"`` no integer), and their integers are
+:data:`~service.core.json_types.JSONInt`: ``100.0`` is the integer 100, as in JSON Schema.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.core.json_types import JSONInt, JSONIntOrNone
 from service.roles.schemas import NOT_BLANK
 from trainer.config import (
     EVAL_SETTINGS,
@@ -41,8 +45,8 @@ _TRAIN, _LORA, _EVAL, _JUDGE = TrainConfig(), LoraSettings(), EvalConfig(), Judg
 class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    r: int = Field(default=_LORA.r, ge=1, le=1024, description="Adapter rank.")
-    alpha: int = Field(
+    r: JSONInt = Field(default=_LORA.r, ge=1, le=1024, description="Adapter rank.")
+    alpha: JSONInt = Field(
         default=_LORA.alpha, ge=1, le=4096, description="Scaling numerator (alpha / r)."
     )
     dropout: float = Field(default=_LORA.dropout, ge=0.0, lt=1.0)
@@ -54,11 +58,11 @@ class LoraIn(BaseModel):
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
-    n_epochs: int = Field(default=_TRAIN.n_epochs, ge=1, le=100)
-    batch_size: int = Field(
+    n_epochs: JSONInt = Field(default=_TRAIN.n_epochs, ge=1, le=100)
+    batch_size: JSONInt = Field(
         default=_TRAIN.batch_size, ge=1, le=4096, description="Samples per optimizer step."
     )
-    micro_batch_size: int | None = Field(
+    micro_batch_size: JSONIntOrNone = Field(
         default=None,
         ge=1,
         le=4096,
@@ -78,7 +82,7 @@ class Hyperparameters(BaseModel):
         alias="lambda",
         description="Weight of the KL term.",
     )
-    max_steps: int | None = Field(
+    max_steps: JSONIntOrNone = Field(
         default=_TRAIN.max_steps, ge=1, description="Cap on optimizer steps."
     )
     kl_direction: KLDirection = _TRAIN.kl_direction
@@ -91,10 +95,10 @@ class Hyperparameters(BaseModel):
         gt=0,
         description="Clip the gradients to this global L2 norm; null: no clipping.",
     )
-    max_prompt_tokens: int | None = Field(
+    max_prompt_tokens: JSONIntOrNone = Field(
         default=None, ge=1, le=32768, description=f"Default and only value: {_SCORING_TRUNCATION}"
     )
-    max_response_tokens: int | None = Field(
+    max_response_tokens: JSONIntOrNone = Field(
         default=None, ge=1, le=32768, description=f"Default and only value: {_SCORING_TRUNCATION}"
     )
     train_system_prompt: TrainSystemPrompt = Field(
@@ -107,7 +111,7 @@ class Hyperparameters(BaseModel):
         description="sample_tokens: each sample's response CE over its non-pad tokens, then the "
         "batch mean (the authors'); response_tokens: the mean over response tokens.",
     )
-    seed: int = _TRAIN.seed
+    seed: JSONInt = _TRAIN.seed
     dtype: DType = _TRAIN.dtype
     gradient_checkpointing: bool = Field(
         default=_TRAIN.gradient_checkpointing,
@@ -177,11 +181,11 @@ class EvaluationIn(BaseModel):
     safety_sets: list[SafetySetIn] | None = Field(
         default=None, max_length=16, description="Default: the server's default sets."
     )
-    max_prompts: int = Field(
+    max_prompts: JSONInt = Field(
         default=_EVAL.max_prompts, ge=1, le=10_000, description="Per safety set."
     )
-    max_new_tokens: int = Field(default=_EVAL.max_new_tokens, ge=1, le=4096)
-    batch_size: int = Field(
+    max_new_tokens: JSONInt = Field(default=_EVAL.max_new_tokens, ge=1, le=4096)
+    batch_size: JSONInt = Field(
         default=_EVAL.batch_size, ge=1, le=512, description="Prompts per generation batch."
     )
     validation_fraction: float = Field(
@@ -190,7 +194,7 @@ class EvaluationIn(BaseModel):
         lt=1,
         description="Held out of training for ROUGE-L (fixed seed).",
     )
-    max_validation: int = Field(default=_EVAL.max_validation, ge=0, le=10_000)
+    max_validation: JSONInt = Field(default=_EVAL.max_validation, ge=0, le=10_000)
     judge: JudgeIn = Field(default_factory=JudgeIn)
     settings: list[EvalSetting] = Field(
         default_factory=lambda: list(_EVAL.settings),
@@ -233,7 +237,7 @@ class FineTuningJobCreate(BaseModel):
     evaluation: EvaluationIn | None = Field(
         default_factory=EvaluationIn, description="null skips evaluation."
     )
-    seed: int | None = Field(
+    seed: JSONIntOrNone = Field(
         default=None,
         ge=0,
         le=2**31 - 1,
@@ -299,3 +303,10 @@ class FineTuningJobOut(BaseModel):
     finished_at: int | None
     error: JobError | None
     result: dict[str, Any] | None
+    curation: dict[str, Any] | None = Field(
+        default=None,
+        description="The effective flags it trains on, fixed at creation: counts (rds_flagged, "
+        "flagged, reviewed, decided_flag, decided_keep) and the reviewers' overrules of RDS's "
+        "flags as sample indices (to_flag, to_keep); validation: the same for a separate "
+        "validation set's scoring job.",
+    )

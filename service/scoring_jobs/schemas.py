@@ -4,13 +4,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.core.json_types import JSONInt
 from worker.scoring.backends import ScoreConfig
 
 _ENGINE = ScoreConfig()  # the engine's defaults, written once there
 
 
 class ScoringJobCreate(BaseModel):
-    # Strict: false is not a margin, 0 is not a boolean (lax mode would coerce both).
+    # Strict: false is not a margin, 0 is not a boolean (lax mode would coerce both). The
+    # integers are JSONInt: 16.0 is the integer 16 to JSON Schema, so it is to the API too.
     model_config = ConfigDict(strict=True)
 
     dataset_id: str
@@ -22,7 +24,7 @@ class ScoringJobCreate(BaseModel):
     compute_reference: bool = Field(
         default=_ENGINE.compute_reference, description="Run the empty-system pass."
     )
-    batch_size: int = Field(default=_ENGINE.batch_size, ge=1, le=512)
+    batch_size: JSONInt = Field(default=_ENGINE.batch_size, ge=1, le=512)
 
 
 class Progress(BaseModel):

@@ -102,7 +102,7 @@ def test_samples_sorted_filtered_and_paged(client: TestClient, job: dict[str, An
     assert indices(samples(client, job, "q=SECRET%20password")) == [2]
     assert indices(samples(client, job, "q=100%25")) == []  # % is literal, not a wildcard
     bad = client.get(f"/v1/scoring_jobs/{job['id']}/samples?after=x", headers=job["h"])
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "after"
 
 
 def test_review_overrules_rds_everywhere(client: TestClient, job: dict[str, Any]) -> None:
@@ -134,7 +134,7 @@ def test_review_overrules_rds_everywhere(client: TestClient, job: dict[str, Any]
     assert risk["num_flagged"] == 4 and {s["index"] for s in risk["top_flagged"]} >= {2}
     assert 4 not in {s["index"] for s in risk["top_flagged"]}
 
-    cleared = review(client, job, 4)
+    cleared = review(client, job, 4, note="misread the boast")
     assert cleared.status_code == 200 and cleared.json()["flagged"] and not cleared.json()["review"]
     assert subset_indices(client, job) == RDS_FLAGGED | {2}
     same = review(client, job, 2, decision="flag")  # unchanged: no new event
@@ -146,6 +146,7 @@ def test_review_overrules_rds_everywhere(client: TestClient, job: dict[str, Any]
         "sample 4 reviewed: cleared", "sample 2 reviewed: flag", "sample 4 reviewed: keep",
     ]  # fmt: skip
     assert audit[0]["data"]["previous"] == {"4": "keep"} and audit[0]["data"]["reviewer"] == "Ada"
+    assert audit[0]["data"]["note"] == "misread the boast"
     assert audit[2]["data"]["note"] == "a pirate's boast, not a how-to"
 
 
@@ -155,7 +156,8 @@ def test_bulk_review_is_all_or_nothing(client: TestClient, job: dict[str, Any]) 
     assert missing.status_code == 404 and "99" in missing.json()["error"]["message"]
     assert samples(client, job, "reviewed=true")["data"] == []
 
-    r = client.post(url, json={"indices": [0, 5, 7, 5], "decision": "flag"}, headers=job["h"])
+    # 7.0 is an integer to JSON Schema, so to the API too.
+    r = client.post(url, json={"indices": [0, 5, 7.0, 5], "decision": "flag"}, headers=job["h"])
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["updated"] == 3 and body["flagged"] == 7 and body["overrides"]["to_flag"] == 3
@@ -167,8 +169,8 @@ def test_bulk_review_is_all_or_nothing(client: TestClient, job: dict[str, Any]) 
     for bad in (
         {"indices": [], "decision": "flag"},
         {"indices": [-1], "decision": "flag"},
+        {"indices": [1.5], "decision": "flag"},
         {"indices": [1], "decision": "maybe"},
-        {"indices": [1], "decision": None, "note": "why"},
         {"indices": [1], "decision": "flag", "extra": 1},
     ):
         assert client.post(url, json=bad, headers=job["h"]).status_code == 422, bad
