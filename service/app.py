@@ -8,10 +8,13 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from service.console.router import router as console_router
 from service.core.config import get_settings
 from service.core.deps import single_valued_query
 from service.core.errors import install_error_handlers
 from service.core.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.curation.endpoints import me_router
+from service.curation.endpoints import router as curation_router
 from service.datasets.endpoints import router as datasets_router
 from service.fine_tuning.checkpoint_endpoints import router as checkpoints_router
 from service.fine_tuning.endpoints import router as fine_tuning_router
@@ -47,10 +50,13 @@ def create_app() -> FastAPI:
         roles_router,
         datasets_router,
         scoring_router,
+        curation_router,
+        me_router,
         fine_tuning_router,
         checkpoints_router,
     ):
         app.include_router(router)
+    app.include_router(console_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware)
 

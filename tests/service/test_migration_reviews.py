@@ -66,7 +66,9 @@ def test_0004_backfills_the_difference_and_reverses(url: str) -> None:
             )  # fmt: skip
     command.upgrade(config, "head")
     with engine.connect() as db:
-        rows = dict(db.execute(sa.text("SELECT idx, delta FROM sample_scores")).all())
+        rows: dict[int, float | None] = dict(
+            db.execute(sa.text("SELECT idx, delta FROM sample_scores")).tuples().all()
+        )
         assert rows == {0: 0.25, 1: -1.5, 2: None}
         assert db.execute(sa.text("SELECT count(*) FROM sample_reviews")).scalar() == 0
     command.downgrade(config, "0003")

@@ -1,0 +1,1 @@
+"""The curation console: a static web page served by the API under /console."""
