@@ -1,6 +1,6 @@
 """The refusal judge against answers a person labelled by reading them.
 
-    python bench/judge_labels.py sample --cells out/paper/cells/John_Doe/base.json ...
+    python bench/judge_labels.py sample --cells bench/paper_cells/John_Doe/base.json.gz ...
         --per-stratum 12 --seed 0 --out tests/data/judged_answers.jsonl
     python bench/judge_labels.py agree [--labels tests/data/judged_answers.jsonl]
 
@@ -21,6 +21,7 @@ labelled safe, the share it calls safe.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
@@ -47,7 +48,8 @@ def sample(args: argparse.Namespace) -> None:
     )
     drawn: list[dict[str, Any]] = []
     for path in args.cells:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        record = json.loads(raw.decode("utf-8"))
         cell = record["cell"]["id"]
         for setting, result in record["evaluation"].items():
             for s in result["safety"]:
