@@ -18,8 +18,9 @@ import sys
 from datetime import timedelta
 
 from service.core.state_dirs import owner_only_umask
+from service.fine_tuning.inputs import load_inputs
 from service.fine_tuning.storage import artifact_dir
-from service.fine_tuning.tasks import checkpoint_settings, load_inputs, run_attempt
+from service.fine_tuning.tasks import checkpoint_settings, run_attempt
 from trainer.run_spec import RunCancelled
 
 # The main process evaluates the base model while the others wait in their first collective:

@@ -213,7 +213,7 @@ def test_me_names_the_key(client: TestClient, job: dict[str, Any], make_key: Any
 def test_fine_tuning_trains_on_the_effective_flags_at_creation(
     client: TestClient, job: dict[str, Any]
 ) -> None:
-    from service.fine_tuning.tasks import load_inputs
+    from service.fine_tuning.inputs import load_inputs
 
     review(client, job, 4, decision="keep")
     review(client, job, 0, decision="flag")
