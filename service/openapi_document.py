@@ -31,6 +31,11 @@ LINKS: dict[tuple[str, str], list[tuple[str, str, str]]] = {
         ("/v1/scoring_jobs/{job_id}/events", "get", "job_id"),
         ("/v1/scoring_jobs/{job_id}/subset", "get", "job_id"),
         ("/v1/scoring_jobs/{job_id}/cancel", "post", "job_id"),
+        ("/v1/scoring_jobs/{job_id}/samples", "get", "job_id"),
+        ("/v1/scoring_jobs/{job_id}/samples/{index}", "get", "job_id"),
+        ("/v1/scoring_jobs/{job_id}/samples/{index}/review", "put", "job_id"),
+        ("/v1/scoring_jobs/{job_id}/reviews", "post", "job_id"),
+        ("/v1/scoring_jobs/{job_id}/curation", "get", "job_id"),
         ("/v1/fine_tuning/jobs", "post", "body.scoring_job_id"),
     ],
     ("/v1/fine_tuning/jobs", "post"): [
