@@ -27,6 +27,11 @@ class SampleScores:
         return self.unsafe.mean - self.role.mean
 
     @property
+    def finite_delta(self) -> float | None:
+        """``delta`` as the database column stores it: None where it is not finite."""
+        return self.delta if math.isfinite(self.delta) else None
+
+    @property
     def flagged(self) -> bool:
         return self.delta > self.margin
 

@@ -241,9 +241,7 @@ def _apply(
 def review_one(
     session: Session, job: ScoringJob, index: int, body: ReviewIn, caller: Caller
 ) -> SampleOut:
-    check_reviewable(job)
-    if not 0 <= index <= INDEX_MAX:
-        raise NotFound(f"scoring job {job.id} has no sample {index}", param="index")
+    check_reviewable(job)  # the route bounds index to 0..INDEX_MAX
     _apply(session, job, [index], body, caller)
     return get_sample(session, job, index)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from datetime import timedelta
 from typing import Any
@@ -244,7 +243,7 @@ def _write_chunk(job_id: str, scores: list[SampleScores]) -> None:
                         "idx": s.index,
                         "flagged": s.flagged,
                         "scores": json.dumps(s.to_json()),
-                        "delta": s.delta if math.isfinite(s.delta) else None,
+                        "delta": s.finite_delta,
                     }
                     for s in scores
                 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from sqlalchemy import select
@@ -41,7 +40,7 @@ def _scored(api: SarftClient, tmp_path: Path, name: str, deltas: list[float]) ->
                     idx=idx,
                     flagged=scores.flagged,
                     scores=json.dumps(scores.to_json()),
-                    delta=scores.delta if math.isfinite(scores.delta) else None,
+                    delta=scores.finite_delta,
                 )
             )
         row = session.get(ScoringJob, job["id"])

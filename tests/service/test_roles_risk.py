@@ -96,7 +96,7 @@ def seed_job(
                     idx=idx,
                     flagged=scores.flagged,
                     scores=json.dumps(scores.to_json()),
-                    delta=scores.delta if math.isfinite(scores.delta) else None,
+                    delta=scores.finite_delta,
                 )
             )
     return job_id
