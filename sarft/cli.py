@@ -38,7 +38,8 @@ app.add_typer(db_app, name="db")
 app.command()(serve)
 app.command()(worker)
 
-from sarft.client_cli import download, jobs_app, roles_app, upload  # noqa: E402
+from sarft.client_cli import download, jobs_app, upload  # noqa: E402
+from sarft.roles_cli import roles_app  # noqa: E402
 
 app.add_typer(roles_app, name="roles")
 app.add_typer(jobs_app, name="jobs")
