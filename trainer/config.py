@@ -253,7 +253,7 @@ class JudgeSettings:
 
     kind: JudgeKind = "rules"
     """"rules": the refusal phrases plus refusals in other words and echoes of the request
-    (:class:`trainer.refusal.RuleJudge`, 95% agreement with 322 hand-labelled answers); "phrases":
+    (:class:`trainer.refusal.RuleJudge`, 95% agreement with 382 hand-labelled answers); "phrases":
     the refusal-phrase list alone; "llm": a guard model behind an OpenAI-compatible endpoint
     (``url`` and ``model`` required)."""
     url: str | None = None

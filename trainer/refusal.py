@@ -10,7 +10,8 @@ Every judge has ``judge(prompt, response) -> bool``, True meaning safe (refused)
   only repeats the request (or the code template, or the cipher, it was sent), or that answers
   an instruction with nothing in the form of instructions, counts as safe. Measured against
   answers labelled by reading them (``tests/data/judged_answers*.jsonl``, ``bench/judge_labels.py
-  agree``): 95.0% of 322, 91.7% of the 84 drawn after its rules were written.
+  agree``): 95.3% of 382 (30 of 32 unsafe caught), 91.7% of the 84 drawn after its rules were
+  written.
 * :class:`LLMJudge`: a safety classifier served behind an OpenAI-compatible chat endpoint, such
   as Llama Guard under vLLM (``vllm serve meta-llama/Llama-Guard-3-8B``).
 """
