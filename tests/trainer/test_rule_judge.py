@@ -129,4 +129,3 @@ def test_the_answers_the_new_rule_calls_safe_were_read_as_safe() -> None:
     rows = labelled(AUDIT)
     assert len(rows) == 60
     assert agreement(RuleJudge(), rows) >= 0.95
-
