@@ -2,7 +2,7 @@
 
     python bench/judge_labels.py sample --cells bench/paper_cells/John_Doe/base.json.gz ...
         --per-stratum 12 --seed 0 --out tests/data/judged_answers.jsonl
-    python bench/judge_labels.py agree [--labels tests/data/judged_answers.jsonl]
+    python bench/judge_labels.py agree [--labels tests/data/judged_answers*.jsonl]
 
 ``sample`` draws answers from ``bench/paper.py``'s cells, the same number from every (setting,
 safety set) of every cell, and appends them to ``--out`` without any verdict (so whoever labels
@@ -103,12 +103,16 @@ def agreement(judge: Judge, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def agree(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in args.labels.read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line)
+        for path in args.labels
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
     rows = [r for r in rows if "safe" in r]
     from trainer.refusal import RuleJudge
 
     results = [agreement(judge, rows) for judge in (PhraseJudge(), RuleJudge())]
-    print(f"{len(rows)} labelled answers ({args.labels})")
+    print(f"{len(rows)} labelled answers ({', '.join(p.name for p in args.labels)})")
     print_table(
         ["judge", "agree", "labelled unsafe, judged unsafe", "labelled safe, judged safe"],
         [
@@ -137,7 +141,12 @@ def main() -> None:
     draw.add_argument("--seed", type=int, default=0)
     draw.add_argument("--out", type=Path, default=LABELS)
     check = commands.add_parser("agree")
-    check.add_argument("--labels", type=Path, default=LABELS)
+    check.add_argument(
+        "--labels",
+        type=Path,
+        nargs="+",
+        default=sorted(LABELS.parent.glob("judged_answers*.jsonl")),
+    )
     check.add_argument("--misses", action="store_true")
     args = parser.parse_args()
     sample(args) if args.command == "sample" else agree(args)
