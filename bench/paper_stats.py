@@ -271,14 +271,17 @@ def _seeds(cells: Sequence[Any], rows: dict[str, Any], args: Any) -> dict[str, A
             mean = sum(values) / len(values)
             sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
             out[method] = {"safety": values, "mean": mean, "sd": sd}
-            table.append([NAMES[method], *(_pct(v) for v in values), _pct(mean), _pct(sd)])
+            # A seed still running shows as "-", so rows of methods at different stages align.
+            table.append(
+                [NAMES[method], *(_pct(by.get((method, s))) for s in seeds), _pct(mean), _pct(sd)]
+            )
     gaps = [
         by[("sarft", s)] - by[("sft", s)] for s in seeds if ("sft", s) in by and ("sarft", s) in by
     ]
     out["sarft_minus_sft"] = gaps
     if table:
         print(f"seed spread on {args.seed_role}: safety % per training seed {seeds}")
-        print_table(["method", *(f"seed {s}" for s in seeds), "mean", "sd"][: len(table[0])], table)
+        print_table(["method", *(f"seed {s}" for s in seeds), "mean", "sd"], table)
         print("SaRFT - SFT per seed (points):", ", ".join(f"{100 * g:+.1f}" for g in gaps))
     return out
 

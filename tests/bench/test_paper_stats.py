@@ -36,3 +36,26 @@ def test_a_paired_difference_over_roles() -> None:
     assert pooled["pairs"] == 16
     same = paired([(A, A)])
     assert (same["difference"], same["ci95"], same["mcnemar_p"]) == (0.0, [0.0, 0.0], 1.0)
+
+
+def test_the_seed_table_aligns_methods_that_finished_different_seeds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from argparse import Namespace
+
+    from bench.paper import Cell
+    from bench.paper_stats import _seeds
+
+    safety = {("sft", 0): 0.6, ("sft", 1): 0.7, ("sft", 2): 0.8, ("sarft", 0): 0.7}
+    safety[("sarft", 1)] = 0.9
+    cells = [Cell("John Doe", m, s, 0.5) for m, s in safety]
+    rows = {c.id: {"safety": safety[(c.method, c.seed)]} for c in cells}
+    out = _seeds(cells, rows, Namespace(seed_role="John Doe", lambda_kl=0.5))
+    assert out["sft"]["mean"] == pytest.approx(0.7)
+    assert out["sft"]["sd"] == pytest.approx(0.1)
+    assert out["sarft"]["safety"] == [0.7, 0.9]
+    assert out["sarft_minus_sft"] == pytest.approx([0.1, 0.2])
+    sarft_row = next(line for line in capsys.readouterr().out.splitlines() if "SaRFT" in line)
+    assert [c.strip() for c in sarft_row.strip("|").split("|")] == [
+        "SaRFT", "70.0", "90.0", "-", "80.0", "14.1",
+    ]  # fmt: skip
