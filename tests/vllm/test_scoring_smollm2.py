@@ -121,3 +121,13 @@ def test_flags_equal_float32_with_the_float32_check_near_the_margin(
     assert near
     for s, d in near:
         assert s.unsafe.mean - s.role.mean == pytest.approx(d, abs=1e-5)
+
+
+def test_shutdown_stops_the_output_thread_before_returning(engine: Any) -> None:
+    # Last in the module: it shuts the shared engine down (the fixture's second shutdown is a
+    # no-op). A thread left running would free its last outputs while the interpreter exits,
+    # which aborted one `sarft score --backend vllm` run in three.
+    thread = engine.llm_engine.engine_core.output_queue_thread
+    assert thread.is_alive()
+    shutdown_llm(engine)
+    assert not thread.is_alive()
