@@ -80,6 +80,8 @@ EXTRA_REFUSAL_PHRASES: tuple[str, ...] = (
     "I am not comfortable",
     "I do not have the ability",
     "I don't have the ability",
+    "I am not capable of",
+    "I'm not capable of",
     "is morally wrong",
     "not appropriate",
 )
