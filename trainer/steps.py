@@ -1,6 +1,6 @@
 """One optimizer step of the RBO loss: micro-batches planned, each one's loss (only the logits it
 reads projected), gradients accumulated, clipped and applied; and the optimizer with its
-learning-rate schedule."""
+learning-rate schedule. The same loss over validation examples, without gradients."""
 
 from __future__ import annotations
 
@@ -222,6 +222,38 @@ def optimizer_step(
         "tokens_per_s": tokens / elapsed,
         "kl_samples": float(sum(e.kl_flag for e in examples)),
     }
+
+
+def validation_metrics(
+    policy: Any,
+    reference: ReferenceLogits,
+    examples: Sequence[TrainExample],
+    pad_id: int,
+    config: TrainConfig,
+    plan: ForwardPlan,
+) -> StepMetrics:
+    """The loss, CE and KL over the validation examples, normalised as one step over all of
+    them (so they compare with the training step's), in eval mode and without gradients.
+    Every process runs all of them, so their forwards (the reference's too) are the same: the
+    collectives of ZeRO-3 pair up."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    step_tokens = sum(e.num_response_tokens for e in examples)
+    totals = {"valid_loss": 0.0, "valid_ce": 0.0, "valid_kl": 0.0}
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), config.micro_batch_size):
+                batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
+                parts = micro_batch_loss(
+                    policy, reference, batch, config, plan, step_tokens, len(examples)
+                )
+                totals["valid_loss"] += parts.total.item()
+                totals["valid_ce"] += parts.ce.item()
+                totals["valid_kl"] += parts.kl.item()
+    finally:
+        policy.train(was_training)
+    return totals
 
 
 def build_optimizer(

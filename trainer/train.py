@@ -32,14 +32,13 @@ from trainer.checkpoints import Checkpoint, CheckpointPolicy
 from trainer.config import TrainConfig
 from trainer.data import (
     TrainExample,
-    collate,
     encode_examples,
     pad_token_id,
     plan_steps,
     select_kl_subset,
     step_batches,
 )
-from trainer.forward import ForwardPlan, forward_plan
+from trainer.forward import forward_plan
 from trainer.optimizers import AdamWInBackward
 from trainer.policy_setup import cached_reference, prepare_policy
 from trainer.ranks import Ranks
@@ -47,8 +46,8 @@ from trainer.steps import (
     ReferenceLogits,
     StepMetrics,
     build_optimizer,
-    micro_batch_loss,
     optimizer_step,
+    validation_metrics,
 )
 from worker.formats import Sample
 from worker.prompts import RolePrompts
@@ -86,38 +85,6 @@ def _save(
     policy.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return None, model_dir
-
-
-def _validation_metrics(
-    policy: Any,
-    reference: ReferenceLogits,
-    examples: Sequence[TrainExample],
-    pad_id: int,
-    config: TrainConfig,
-    plan: ForwardPlan,
-) -> StepMetrics:
-    """The loss, CE and KL over the validation examples, normalised as one step over all of
-    them (so they compare with the training step's), in eval mode and without gradients.
-    Every process runs all of them, so their forwards (the reference's too) are the same: the
-    collectives of ZeRO-3 pair up."""
-    was_training = policy.training
-    policy.eval()
-    device = next(policy.parameters()).device
-    step_tokens = sum(e.num_response_tokens for e in examples)
-    totals = {"valid_loss": 0.0, "valid_ce": 0.0, "valid_kl": 0.0}
-    try:
-        with torch.no_grad():
-            for i in range(0, len(examples), config.micro_batch_size):
-                batch = collate(examples[i : i + config.micro_batch_size], pad_id).to(device)
-                parts = micro_batch_loss(
-                    policy, reference, batch, config, plan, step_tokens, len(examples)
-                )
-                totals["valid_loss"] += parts.total.item()
-                totals["valid_ce"] += parts.ce.item()
-                totals["valid_kl"] += parts.kl.item()
-    finally:
-        policy.train(was_training)
-    return totals
 
 
 @dataclass
@@ -239,7 +206,7 @@ class _Loop:
         return False
 
     def _validate(self) -> StepMetrics:
-        return _validation_metrics(
+        return validation_metrics(
             self.policy, self.reference, self.validation, self.pad_id, self.config, self.plan
         )
 
